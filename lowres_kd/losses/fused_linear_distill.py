@@ -1,0 +1,55 @@
+"""The head's last linear layer fused with the distillation distance: the reference.
+
+    loss = reduce_rows( w_i * d(H_i W^T + b, T_i) )
+
+This plain PyTorch function is the CPU path, the test oracle of the Triton kernels in
+``lowres_kd.kernels`` and the baseline of the kernel benchmark: there is no second reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .distance import DISTANCES
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def fused_linear_distill_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    row_weight: Optional[torch.Tensor] = None,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    distance: str = "cos_smoothl1",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Distance of ``hidden @ weight.T + bias`` to ``target``, reduced over rows.
+
+    Shape: hidden (N, K), weight (C, K), bias (C) or None, target (N, C), row_weight (N) or None.
+    Computes in float32 at least (float64 inputs stay float64). ``mean`` divides by the sum of the
+    row weights (N without them); rows of weight 0 (masked) contribute nothing, and an all-masked
+    batch gives 0. ``none`` returns the weighted per-row distances (N,).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, K) and weight (C, K) must agree on K: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    if target.shape != (hidden.shape[0], weight.shape[0]):
+        raise ValueError(f"target must be (N, C) = {(hidden.shape[0], weight.shape[0])}, got {tuple(target.shape)}")
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    pred = hidden.to(compute) @ weight.to(compute).T
+    if bias is not None:
+        pred = pred + bias.to(compute)
+    rows = DISTANCES.get(distance)(pred, target.to(compute), alpha=alpha, beta=beta)
+    if row_weight is not None:
+        rows = rows * row_weight.to(compute)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    denom = row_weight.to(compute).sum() if row_weight is not None else torch.tensor(float(rows.numel()), dtype=compute, device=rows.device)
+    return rows.sum() / denom.clamp_min(torch.finfo(compute).tiny)
