@@ -1,0 +1,110 @@
+"""``lowres-kd``: train, probe, validate recipes and list what is registered."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+DESCRIPTION = """\
+Knowledge inheritance: train one student from several frozen vision teachers in a balanced
+shared space, starting from the general-purpose (base) teacher through an adapter.
+
+  lowres-kd train recipes/demo_cpu.yaml          # the CPU demo (about 10 minutes on 2 cores)
+  lowres-kd probe runs/demo                      # probes + report.md for a finished run
+"""
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="YAML recipe (see recipes/; every key is documented in lowres_kd/config.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, value parsed as YAML; repeatable. "
+                        "Examples: --set train.steps=20 --set teachers.1.weight=0.5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowres-kd", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a student from a recipe",
+                       description="Calibrate the normalisers, train, checkpoint (safetensors) and export "
+                                   "the run to <output_dir>/model; logs every loss term to log.csv.")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in the run directory (exact on CPU)")
+    p.add_argument("--probe", action="store_true", help="run the recipe's probes and write report.md after training")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+    p = sub.add_parser("probe", help="score a finished run with frozen-feature probes and write report.md",
+                       description="Linear classification (labelled set), dense edge probe (HED edge maps) and "
+                                   "per-teacher fidelity; compares the student with every teacher, the untrained "
+                                   "student and a scratch baseline. Writes probes.json, report.md and PNG plots.")
+    p.add_argument("run", help="run directory (runs/<name>) or checkpoint directory")
+    p.add_argument("--probes", default=None, help="comma-separated probes to run (default: the recipe's probe.probes)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the probes")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+    p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("list", help="list registered teachers, normalisers, distances and probes")
+    p.add_argument("--pattern", default="*", help="glob to filter names")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import RecipeError, load_recipe
+
+    try:
+        if args.command == "train":
+            return _train(args, load_recipe(args.recipe, args.overrides))
+        if args.command == "probe":
+            from .probes import run_probes
+
+            probes = args.probes.split(",") if args.probes else None
+            result = run_probes(args.run, probes, device=args.device, progress=not args.no_progress)
+            print((Path(args.run) / "report.md").read_text())
+            return 0 if result["rows"] else 1
+        if args.command == "validate":
+            import yaml
+
+            print(yaml.safe_dump(load_recipe(args.recipe, args.overrides).to_dict(), sort_keys=False))
+            return 0
+        if args.command == "list":
+            return _list(args.pattern)
+    except (RecipeError, FileNotFoundError, FileExistsError) as exc:
+        print(f"lowres-kd: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _train(args, recipe) -> int:
+    from .training.trainer import Trainer
+
+    trainer = Trainer(recipe, resume=args.resume, progress=not args.no_progress).setup()
+    last = trainer.train()
+    print(f"trained {recipe.name}: {trainer.step} steps, final loss {last.get('loss', float('nan')):.4f}; "
+          f"model in {recipe.run_dir / 'model'}")
+    if args.probe:
+        from .probes import run_probes
+
+        run_probes(recipe.run_dir, device=recipe.train.device, progress=not args.no_progress)
+        print((recipe.run_dir / "report.md").read_text())
+    return 0
+
+
+def _list(pattern: str) -> int:
+    from .losses import DISTANCES
+    from .normalizers import NORMALIZERS
+    from .probes import PROBES
+    from .teachers import TEACHERS
+
+    for reg in (TEACHERS, NORMALIZERS, DISTANCES, PROBES):
+        print(f"{reg.kind}s: {', '.join(reg.list(pattern))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

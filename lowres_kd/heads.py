@@ -1,0 +1,55 @@
+"""Student-to-teacher heads h_s2t (DESIGN §2.2).
+
+Each head is LayerNorm -> Linear(D, hidden) -> GELU -> Linear(hidden, C_t). The last linear is
+kept apart (``out``) so training can fuse it with the loss (``lowres_kd.kernels``); ``trunk``
+gives its input. Heads rebuild from a state dict alone: sizes come from the weight shapes.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Head(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
+        self.out = nn.Linear(hidden, out_dim)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.out(self.trunk(rows))
+
+    @staticmethod
+    def sizes_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "") -> Tuple[int, int, int]:
+        hidden, in_dim = sd[prefix + "trunk.1.weight"].shape
+        return in_dim, hidden, sd[prefix + "out.weight"].shape[0]
+
+
+def dense_rows(dense: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(N, D, H, W) student map -> resized bilinearly to the teacher grid -> (N*h*w, D) rows."""
+    if tuple(dense.shape[-2:]) != tuple(grid):
+        dense = F.interpolate(dense, size=tuple(grid), mode="bilinear", align_corners=False)
+    return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1])
+
+
+def rows_to_map(rows: torch.Tensor, n: int, grid: Tuple[int, int]) -> torch.Tensor:
+    """(N*h*w, C) rows -> (N, C, h, w)."""
+    h, w = grid
+    return rows.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+class TeacherHeads(nn.Module):
+    """The global and the dense head that map the student onto one teacher."""
+
+    def __init__(self, student_dims: Tuple[int, int], teacher_dims: Tuple[int, int], grid: Tuple[int, int], hidden: int):
+        super().__init__()
+        self.global_ = Head(student_dims[0], hidden, teacher_dims[0])
+        self.dense = Head(student_dims[1], hidden, teacher_dims[1])
+        self.grid = tuple(grid)
+
+    def forward(self, student_global: torch.Tensor, student_dense: torch.Tensor):
+        n = student_dense.shape[0]
+        return self.global_(student_global), rows_to_map(self.dense(dense_rows(student_dense, self.grid)), n, self.grid)

@@ -1,0 +1,39 @@
+"""Reading weight files safely: safetensors, or torch.load with weights_only=True, nothing else."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+
+def load_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickles that need code execution end here
+        raise ValueError(f"refusing to load {path}: not loadable with weights_only=True ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def shipped_file(package: str, relative: str, install_hint: str) -> Path:
+    """Path of a weight file that ships inside an installed package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; install it with: {install_hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{package} is installed but {path} is missing")
+    return path

@@ -1,0 +1,97 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+
+A checkpoint is a directory ``<run>/checkpoints/step_XXXXXXX`` holding ``model.safetensors``,
+``optimizer.safetensors``, ``rng.safetensors`` and ``state.json``; the final model is exported
+to ``<run>/model``. Each is written into a temporary sibling directory that is renamed into
+place only when complete, so a crash mid-write leaves the previous checkpoint as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+COMPLETE = "state.json"  # written last: its presence marks an intact checkpoint
+
+
+def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def write_dir(target: Path, tensors: Dict[str, Dict[str, torch.Tensor]], meta: dict) -> Path:
+    """Write ``{file: tensors}`` as safetensors plus ``state.json`` into ``target`` atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for name, group in tensors.items():
+            save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
+        (tmp / COMPLETE).write_text(json.dumps(meta, indent=1))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_dir(path: Path, names: List[str]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], dict]:
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE})")
+    meta = json.loads((path / COMPLETE).read_text())
+    return {n: load_file(str(path / f"{n}.safetensors")) for n in names if (path / f"{n}.safetensors").is_file()}, meta
+
+
+def step_checkpoints(run_dir: Path) -> List[Path]:
+    """Intact step checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = step_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rotate(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` (>= 1) step checkpoints."""
+    for old in step_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def optimizer_to_tensors(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into flat tensors and JSON-able groups."""
+    tensors, scalars = {}, {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
+    state: Dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,359 @@
+"""The knowledge-inheritance trainer: one device-agnostic loop (CPU; CUDA with bf16 autocast).
+
+Features and the recipe flags that control them:
+
+- teachers from the registry, frozen, under ``no_grad`` (``teachers: [...]``); the base
+  teacher's targets come from the student with the adapter disabled (``student.mode: adapter``)
+- calibration pass fitting one normaliser per teacher and feature kind (``space.normalizer``,
+  ``space.calibration_images``)
+- loss ``sum_t w_t (lambda_g d_g + lambda_d d_d)`` (``loss.*``, ``teachers[*].weight``), the
+  head's last linear fused with it (``loss.kernels``), teacher dropping (``loss.teacher_drop``)
+- AdamW, linear warmup + cosine decay (``optim.*``), gradient accumulation
+  (``train.grad_accum``), gradient clipping (``optim.grad_clip``)
+- non-finite losses skip the step; ``train.max_bad_steps`` in a row stop the run
+- tqdm progress; ``log.csv`` with every loss term, lr, images/s and peak memory per step
+- atomic safetensors checkpoints every ``train.checkpoint_every`` steps, ``train.keep_last``
+  kept, exact ``--resume`` (model, optimizer, RNG, data position); final export to ``model/``
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..config import Recipe, TeacherConfig
+from ..data import (BadImageReport, EvalTransform, ResumableSampler, TrainImages, TrainTransform, build_source,
+                    collate_images, make_train_loader, start_epoch)
+from ..heads import dense_rows
+from ..kernels import fused_linear_distill
+from ..model import InheritedModel, Student
+from ..teachers import Features, Teacher, build_teacher
+from . import checkpoint as ckpt
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but CUDA is not available (use auto or cpu)")
+    return torch.device(name)
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at train.steps."""
+    o, total = recipe.optim, recipe.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
+
+
+def build_student_and_teachers(recipe: Recipe, load_weights: bool = True):
+    """The student and the frozen teachers a recipe asks for.
+
+    Returns ``(student, teachers)``; in adapter mode the base teacher is absent from
+    ``teachers`` (it lives inside the student). With ``load_weights=False`` only the student is
+    built, from random weights, to receive a checkpoint.
+    """
+    base = recipe.base_teacher
+    mode = recipe.student.mode
+    base_weights = base.weights if load_weights and mode != "scratch" else "none"
+    backbone = build_teacher(TeacherConfig(**{**base.__dict__, "weights": base_weights}))
+    student = Student(backbone, recipe.student)
+    teachers: Dict[str, Teacher] = {}
+    if load_weights:
+        for t in recipe.teachers:
+            if t.base and mode == "adapter":
+                continue
+            teachers[t.name] = build_teacher(t).freeze()
+    return student, teachers
+
+
+class Trainer:
+    """``Trainer(recipe).setup(); trainer.train()``; see the module docstring for features."""
+
+    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True):
+        self.recipe = recipe
+        self.resume = resume
+        self.progress = progress
+        self.run_dir = recipe.run_dir
+        self.step = 0
+        self.bad_steps = 0
+        self.epoch = 0
+        self.batches_done = 0  # in the current epoch
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        self.device = resolve_device(self.recipe.train.device)
+        torch.manual_seed(self.recipe.train.seed)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        latest = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
+        if self.resume and latest is None:
+            raise FileNotFoundError(f"--resume: no intact checkpoint under {self.run_dir / 'checkpoints'}")
+        if latest is not None:
+            self._load_checkpoint(latest)
+        else:
+            if ckpt.latest_checkpoint(self.run_dir) is not None:
+                raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume to continue, or remove it")
+            self._calibrate()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
+        return self
+
+    def _setup_data(self) -> None:
+        d, seed = self.recipe.data, self.recipe.train.seed
+        self.source = build_source(d.source, fashion_mnist=d.fashion_mnist)
+        transform = TrainTransform(d.image_size, scale=(d.crop_scale_min, 1.0), hflip=d.hflip)
+        self.dataset = TrainImages(self.source, transform, seed=seed)
+        self.sampler = ResumableSampler(len(self.dataset), seed=seed)
+        bs = self.recipe.train.batch_size
+        if len(self.dataset) < bs:
+            raise ValueError(f"data.source {d.source!r} has {len(self.dataset)} images, fewer than train.batch_size={bs}")
+        self.loader = make_train_loader(self.dataset, bs, self.sampler, num_workers=d.num_workers)
+        self.bad_images = BadImageReport(epoch=0)
+        self.calibration = TrainImages(self.source, EvalTransform(d.image_size), seed=seed)
+
+    def _setup_model(self) -> None:
+        r = self.recipe
+        student, self.teachers = build_student_and_teachers(r)
+        specs = {}
+        for t in r.teachers:
+            specs[t.name] = student.body.spec if (t.base and r.student.mode == "adapter") else self.teachers[t.name].spec
+        self.model = InheritedModel(student, specs, r.space.head_hidden, r.space.normalizer).to(self.device)
+        for teacher in self.teachers.values():
+            teacher.to(self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _setup_optimizer(self) -> None:
+        o = self.recipe.optim
+        decay = [p for p in self.trainable if p.dim() >= 2]
+        no_decay = [p for p in self.trainable if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=o.lr, betas=tuple(o.betas))
+
+    # ------------------------------------------------------------------ teachers
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> Dict[str, Features]:
+        out = {}
+        for t in self.recipe.teachers:
+            if t.base and self.recipe.student.mode == "adapter":
+                out[t.name] = self.model.student.base_features(images)
+            else:
+                out[t.name] = self.teachers[t.name](images)
+        return {n: Features(f.global_.float(), f.dense.float()) for n, f in out.items()}
+
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """Fit every normaliser on ``space.calibration_images`` centre-cropped images."""
+        n = min(self.recipe.space.calibration_images, len(self.calibration))
+        was = self.model.training
+        self.model.eval()
+        bs = self.recipe.train.batch_size
+        for start in tqdm(range(0, n, bs), desc="calibrate", disable=not self.progress, leave=False):
+            images, _ = collate_images([self.calibration[i] for i in range(start, min(n, start + bs))])
+            for name, f in self.teacher_features(images.to(self.device)).items():
+                self.model.norm_global[name].update(f.global_)
+                self.model.norm_dense[name].update(f.dense)
+        for name in self.model.heads:
+            self.model.norm_global[name].fit()
+            self.model.norm_dense[name].fit()
+        self.model.train(was)
+
+    # ------------------------------------------------------------------ loss
+    def _loss_step(self, images: torch.Tensor):
+        """Total loss and its per-teacher terms for one micro-batch (DESIGN §2.3)."""
+        r, lo = self.recipe, self.recipe.loss
+        targets = {n: self.model.normalise(n, f) for n, f in self.teacher_features(images).items()}
+        feats = self.model.student(images)
+        terms, per_teacher = {}, []
+        for t in r.teachers:
+            heads, target = self.model.heads[t.name], targets[t.name]
+            g = self._head_loss(heads.global_, feats.global_, target.global_)
+            d = self._head_loss(heads.dense, dense_rows(feats.dense, heads.grid), dense_rows(target.dense, heads.grid))
+            terms[f"{t.name}/global"], terms[f"{t.name}/dense"] = g.detach(), d.detach()
+            per_teacher.append(lo.global_weight * g + lo.dense_weight * d)
+        losses = torch.stack(per_teacher)
+        weights = torch.tensor([r.teacher_weight(t) for t in r.teachers], device=losses.device)
+        if lo.teacher_drop > 0:
+            keep = torch.rand(len(weights), device=losses.device) >= lo.teacher_drop
+            keep[losses.detach().argmax()] = True  # the teacher furthest away is never dropped
+            weights = weights * keep
+            terms["dropped"] = (~keep).sum().float()
+        for t, value in zip(r.teachers, losses.detach()):
+            terms[t.name] = value
+        return (weights * losses).sum(), terms
+
+    def _head_loss(self, head: nn.Module, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lo = self.recipe.loss
+        hidden = head.trunk(rows)
+        weight = head.out.weight.to(hidden.dtype)
+        bias = head.out.bias.to(hidden.dtype)
+        return fused_linear_distill(hidden, weight, bias, target.to(hidden.dtype), alpha=lo.alpha, beta=lo.beta,
+                                    distance=lo.distance, backend=lo.kernels)
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self):
+        """Endless micro-batches; tracks (epoch, batches_done) for exact resume."""
+        while True:
+            start_epoch(self.loader, self.epoch, self.batches_done)
+            for images, skipped in self.loader:
+                self.batches_done += 1
+                self.bad_images.update(len(images), skipped)
+                if len(images):
+                    yield images
+            if self.bad_images.count:
+                tqdm.write("bad images: " + self.bad_images.format())
+            self.epoch += 1
+            self.batches_done = 0
+            self.bad_images.reset(self.epoch)
+
+    def train(self) -> dict:
+        r = self.recipe
+        t = r.train
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and t.bf16)
+        log = self._open_log()
+        batches = self._batches()
+        self.model.train()
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {r.name}", disable=not self.progress)
+        last = {}
+        while self.step < t.steps:
+            started = time.perf_counter()
+            lr = lr_at(self.step, r)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            total, sums, n_images = 0.0, {}, 0
+            finite = True
+            for _ in range(t.grad_accum):
+                images = next(batches).to(self.device)
+                with autocast:
+                    loss, terms = self._loss_step(images)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (loss / t.grad_accum).backward()
+                total += loss.detach() / t.grad_accum
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+                n_images += len(images)
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.bad_steps += 1
+                tqdm.write(f"step {self.step}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+                if self.bad_steps >= t.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{self.bad_steps} non-finite losses in a row (train.max_bad_steps={t.max_bad_steps}); "
+                        f"the last checkpoint is intact: {ckpt.latest_checkpoint(self.run_dir)}")
+                self.step += 1
+                continue
+            self.bad_steps = 0
+            if r.optim.grad_clip > 0:
+                sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, r.optim.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            elapsed = time.perf_counter() - started
+            last = {"step": self.step, "lr": lr, "loss": float(total), **{k: float(v) for k, v in sums.items()},
+                    "images_per_s": n_images / elapsed, "peak_mem_gib": peak_memory_gib(self.device),
+                    "bad_images": self.bad_images.count}
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                log.write(last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", ips=f"{last['images_per_s']:.1f}")
+            bar.update(1)
+            if self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        self.export()
+        return last
+
+    # ------------------------------------------------------------------ state
+    def _open_log(self) -> "CsvLog":
+        return CsvLog(self.run_dir / "log.csv", keep_until=self.step)
+
+    def _meta(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done, "bad_steps": self.bad_steps,
+                "bad_images": self.bad_images.state_dict(), "recipe": self.recipe.to_dict(),
+                "specs": {n: s.__dict__ for n, s in self.model.specs.items()}}
+
+    def _rng(self) -> Dict[str, torch.Tensor]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def save_checkpoint(self) -> Path:
+        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
+        meta = {**self._meta(), "optimizer": opt_meta}
+        path = self.run_dir / "checkpoints" / f"step_{self.step:07d}"
+        ckpt.write_dir(path, {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": self._rng()}, meta)
+        ckpt.rotate(self.run_dir, self.recipe.train.keep_last)
+        return path
+
+    def export(self) -> Path:
+        """The final model alone (no optimizer): what ``lowres_kd.load(run_dir)`` reads."""
+        return ckpt.write_dir(self.run_dir / "model", {"model": self.model.state_dict()}, self._meta())
+
+    def _load_checkpoint(self, path: Path) -> None:
+        tensors, meta = ckpt.read_dir(path, ["model", "optimizer", "rng"])
+        self.model.load_state_dict(tensors["model"])
+        self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors["optimizer"], meta["optimizer"]))
+        torch.set_rng_state(tensors["rng"]["cpu"])
+        if "cuda" in tensors["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng"]["cuda"], self.device)
+        self.step, self.epoch, self.batches_done = meta["step"], meta["epoch"], meta["batches_done"]
+        self.bad_steps = meta["bad_steps"]
+        self.bad_images.load_state_dict(meta["bad_images"])
+        tqdm.write(f"resumed from {path} at step {self.step}")
+
+
+class CsvLog:
+    """CSV of step records, appended per row; on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until: int = 0):
+        self.path = Path(path)
+        rows: List[dict] = []
+        if self.path.is_file() and keep_until > 0:
+            with self.path.open() as f:
+                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_until]
+        self.fields: List[str] = list(rows[0].keys()) if rows else []
+        self._rewrite(rows)
+
+    def _rewrite(self, rows: List[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields)
+            if self.fields:
+                writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+    def write(self, row: dict) -> None:
+        if any(key not in self.fields for key in row):  # a new column: rewrite with the wider header
+            with self.path.open() as f:
+                rows = list(csv.DictReader(f)) if self.fields else []
+            self.fields += [k for k in row if k not in self.fields]
+            self._rewrite(rows)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)

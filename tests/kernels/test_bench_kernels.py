@@ -1,0 +1,48 @@
+"""benchmarks/bench_kernels.py runs end to end on CPU (reference path only) and writes its files."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels_under_test", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_kernels_cpu_writes_json_md_png(tmp_path):
+    bench = _load_bench()
+    shapes = ["32x16x24", "48x20x36"]
+    result = bench.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", *shapes,
+                         "--warmup", "1", "--repeats", "3"])
+    js, md, png = (tmp_path / f"kernels_cpu.{ext}" for ext in ("json", "md", "png"))
+    assert js.is_file() and md.is_file() and png.is_file()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
+    assert data == json.loads(json.dumps(result))
+    rows = data["rows"]
+    assert [(r["N"], r["K"], r["C"], r["method"]) for r in rows] == [(32, 16, 24, "eager"), (48, 20, 36, "eager")]
+    for r in rows:
+        assert r["error"] is None and r["dtype"] == "bfloat16" and r["peak_extra_mib"] is None
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["repeats"] == 3
+        for key in ("device_name", "torch", "triton", "git_sha", "note"):
+            assert key in r
+    assert "reference path" in data["meta"]["note"]
+    assert len(data["ratios"]) == 2 and all(v["fused_vs_eager_speedup"] is None for v in data["ratios"])
+    text = md.read_text()
+    assert "reference path only" in text and "| 48 | 20 | 36 | bfloat16 | eager |" in text
+    assert "speed-up vs eager" in text
+
+
+def test_bench_kernels_ratios_from_rows():
+    bench = _load_bench()
+    rows = [{"N": 1, "K": 2, "C": 3, "method": m, "median_ms": ms, "peak_extra_mib": mem, "error": None}
+            for m, ms, mem in [("eager", 4.0, 100.0), ("compile", 2.0, 50.0), ("fused", 1.0, 10.0), ("matmul", 0.5, 5.0)]]
+    (r,) = bench.ratios(rows)
+    assert r["fused_vs_eager_speedup"] == 4.0 and r["fused_vs_compile_speedup"] == 2.0
+    assert r["fused_over_eager_memory"] == 0.1 and r["fused_fraction_of_matmul_rate"] == 0.5
+    rows[1]["error"] = "RuntimeError: compile failed"
+    assert bench.ratios(rows)[0]["fused_vs_compile_speedup"] is None

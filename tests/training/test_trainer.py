@@ -1,0 +1,152 @@
+"""Training on real shipped teachers: the loss falls, checkpoints round-trip, resume is exact."""
+import csv
+import json
+
+import pytest
+import torch
+
+import lowres_kd
+from lowres_kd.cli import main
+from lowres_kd.training import checkpoint as ckpt
+from lowres_kd.training.trainer import NonFiniteLossError, Trainer, lr_at
+
+
+def read_log(run_dir):
+    with (run_dir / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_short_run_lowers_the_loss(tiny_recipe):
+    recipe = tiny_recipe(train={"steps": 24, "checkpoint_every": 100}, optim={"lr": 5e-3, "warmup_steps": 2})
+    Trainer(recipe, progress=False).setup().train()
+    rows = read_log(recipe.run_dir)
+    assert len(rows) == 24
+    first = sum(float(r["loss"]) for r in rows[:4]) / 4
+    last = sum(float(r["loss"]) for r in rows[-4:]) / 4
+    assert last < 0.9 * first, (first, last)
+    for name in ("mobilenet", "effnet", "edges"):  # every per-teacher term is logged
+        assert f"{name}/global" in rows[0] and f"{name}/dense" in rows[0]
+    assert float(rows[-1]["images_per_s"]) > 0 and float(rows[-1]["peak_mem_gib"]) > 0
+
+
+def test_resume_continues_exactly(tiny_recipe, tmp_path):
+    straight = tiny_recipe(output_dir=str(tmp_path / "straight"))
+    Trainer(straight, progress=False).setup().train()
+    expected = [float(r["loss"]) for r in read_log(straight.run_dir)]
+
+    broken = tiny_recipe(output_dir=str(tmp_path / "broken"), train={"steps": 4, "checkpoint_every": 2})
+    trainer = Trainer(broken, progress=False).setup()
+    trainer.recipe.train.steps = 2  # stop after the first checkpoint, as a crash would
+    trainer.train()
+    assert [p.name for p in ckpt.step_checkpoints(broken.run_dir)] == ["step_0000002"]
+    resumed_recipe = tiny_recipe(output_dir=str(tmp_path / "broken"))
+    Trainer(resumed_recipe, resume=True, progress=False).setup().train()
+    got = [float(r["loss"]) for r in read_log(broken.run_dir)]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert [int(r["step"]) for r in read_log(broken.run_dir)] == [1, 2, 3, 4]
+
+
+def test_checkpoint_round_trip_and_rotation(tiny_recipe):
+    recipe = tiny_recipe(train={"steps": 6, "checkpoint_every": 1, "keep_last": 2})
+    trainer = Trainer(recipe, progress=False).setup()
+    trainer.train()
+    names = [p.name for p in ckpt.step_checkpoints(recipe.run_dir)]
+    assert names == ["step_0000005", "step_0000006"]
+    tensors, meta = ckpt.read_dir(recipe.run_dir / "checkpoints" / "step_0000006", ["model", "optimizer", "rng"])
+    state = trainer.model.state_dict()
+    assert set(tensors["model"]) == set(state)
+    assert all(torch.equal(tensors["model"][k], state[k].cpu()) for k in state)
+    assert meta["step"] == 6 and meta["recipe"]["name"] == "tiny"
+    # a run directory with checkpoints is never silently overwritten
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(recipe, progress=False).setup()
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny_recipe, monkeypatch):
+    recipe = tiny_recipe(train={"steps": 2, "checkpoint_every": 1})
+    trainer = Trainer(recipe, progress=False).setup()
+    trainer.train()
+    before = ckpt.latest_checkpoint(recipe.run_dir)
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", explode)
+    trainer.step = 3
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert ckpt.latest_checkpoint(recipe.run_dir) == before
+    assert not [p for p in (recipe.run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    ckpt.read_dir(before, ["model"])  # still loadable
+
+
+def test_non_finite_losses_skip_then_stop(tiny_recipe, monkeypatch):
+    recipe = tiny_recipe(train={"steps": 6, "checkpoint_every": 100, "max_bad_steps": 3})
+    trainer = Trainer(recipe, progress=False).setup()
+    original = trainer._loss_step
+    calls = {"n": 0}
+
+    def poisoned(images):
+        calls["n"] += 1
+        loss, terms = original(images)
+        return (loss * float("nan") if calls["n"] > 1 else loss), terms
+
+    monkeypatch.setattr(trainer, "_loss_step", poisoned)
+    params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        trainer.train()
+    # one good step happened, then nothing moved
+    assert trainer.bad_steps == 3
+    after = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(params_before[n], after[n]) for n in after)
+    assert all(torch.isfinite(p).all() for p in after.values())
+
+
+def test_lr_schedule_warms_up_then_decays(tiny_recipe):
+    r = tiny_recipe(train={"steps": 100}, optim={"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1})
+    lrs = [lr_at(s, r) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_load_contract(tiny_recipe):
+    recipe = tiny_recipe(train={"steps": 2, "checkpoint_every": 100})
+    trainer = Trainer(recipe, progress=False).setup()
+    trainer.train()
+    model = lowres_kd.load(recipe.run_dir)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    images = torch.rand(2, 3, 80, 96)  # any size: the model resizes and normalises itself
+    with torch.no_grad():
+        out = model(images)
+        ref = trainer.model.eval()(images)
+    assert out["global"].shape == (2, 1280) and out["dense"].ndim == 4 and out["dense"].shape[0] == 2
+    specs = json.loads((recipe.run_dir / "model" / "state.json").read_text())["specs"]
+    assert set(out["teachers"]) == {"mobilenet", "effnet", "edges"}
+    for name, o in out["teachers"].items():
+        s = specs[name]
+        assert o["global"].shape == (2, s["global_dim"])
+        assert o["dense"].shape == (2, s["dense_dim"], *s["grid"])
+        assert torch.allclose(o["dense"], ref["teachers"][name]["dense"], atol=1e-5)
+        # outputs live in the teacher's raw space: normalising them gives the head's raw output
+        heads = model.heads[name]
+        g = heads.global_(out["global"])
+        assert torch.allclose(model.norm_global[name](o["global"]), g, atol=1e-3, rtol=1e-3)
+    assert lowres_kd.load(ckpt.latest_checkpoint(recipe.run_dir))(images)["global"].shape == (2, 1280)
+    with pytest.raises(FileNotFoundError):
+        lowres_kd.load(recipe.run_dir / "nothing")
+
+
+def test_cli_help_and_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "train" in capsys.readouterr().out
+    for sub in ("train", "probe", "validate", "list"):
+        with pytest.raises(SystemExit):
+            main([sub, "--help"])
+        assert "usage" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nteachers: []\ntrain: {steps: 0}\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.steps" in err and "at least one teacher" in err
