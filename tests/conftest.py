@@ -43,7 +43,7 @@ def tiny_recipe_dict(run_dir, **sections) -> dict:
             {"name": "effnet", "family": "efficientnet_lite0", "input_size": 64},
             {"name": "edges", "family": "hed", "input_size": 64},
         ],
-        "space": {"calibration_images": 16, "head_hidden": 32},
+        "space": {"calibration_images": 16, "head_hidden": 128},
         "data": {"image_size": 64, "fashion_mnist": 8},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},

@@ -44,6 +44,15 @@ class ProbeContext:
         return self.teachers["_hed"]
 
 
+def adapted_subject(model, name: str) -> Subject:
+    """The student's features adapted to teacher ``name``, in that teacher's raw space."""
+    def run(images: torch.Tensor) -> Features:
+        out = model(images)["teachers"][name]
+        return Features(out["global"], out["dense"])
+
+    return run
+
+
 def images_to_tensor(images: np.ndarray | List, size: int) -> torch.Tensor:
     """uint8 (N, H, W, 3) or a list of (3, H, W) tensors -> float (N, 3, size, size) in [0, 1]."""
     if isinstance(images, np.ndarray):

@@ -31,11 +31,14 @@ def _solve(gram, rhs, ridge):
 
 
 def ridge_fit_score(x_fit, y_fit, x_eval, y_eval, rows_per_image: int) -> float:
-    """Ridge regression y ~ x w + c on standardised features (the intercept c = mean of y is not
-    penalised): the ridge is chosen by cross-validation over folds of whole fit images, then
-    refitted on all fit images and scored (R^2) on the held-out images (float64)."""
-    mu, sd = x_fit.mean(0), x_fit.std(0)
-    sd = sd.clamp_min(1e-3 * float(sd.max()) + 1e-12)  # near-constant channels must not explode
+    """Ridge regression y ~ x w + c (the intercept c = mean of y is not penalised): the ridge is
+    chosen by cross-validation over folds of whole fit images, then refitted on all fit images
+    and scored (R^2) on the held-out images (float64).
+
+    Features are centred and scaled by one overall scale, not per channel: a channel that is
+    almost silent on the fit images would otherwise be blown up and dominate on held-out ones."""
+    mu = x_fit.mean(0)
+    sd = (x_fit - mu).pow(2).mean().sqrt().clamp_min(1e-12)
     offset = y_fit.mean()
     y_fit = y_fit - offset
     a = _design(x_fit, mu, sd)

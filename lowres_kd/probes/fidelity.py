@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_labelled
-from ..teachers import Features
-from .base import PROBES, ProbeContext, batched, images_to_tensor, row
+from .base import PROBES, ProbeContext, adapted_subject, batched, images_to_tensor, row
 
 
 def mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -25,11 +24,7 @@ def fidelity_probe(ctx: ProbeContext):
     images = images_to_tensor(split.test_images[:p.fidelity_images], ctx.image_size)
     rows = []
     for name in model.heads:
-        def adapted(x, name=name):
-            out = model(x)["teachers"][name]
-            return Features(out["global"], out["dense"])
-
-        pred = batched(adapted, images, ctx.device)
+        pred = batched(adapted_subject(model, name), images, ctx.device)
         target = batched(ctx.teachers[name], images, ctx.device)
         for kind, a, b, norm in (("global", pred.global_, target.global_, model.norm_global[name]),
                                  ("dense", pred.dense, target.dense, model.norm_dense[name])):

@@ -1,6 +1,8 @@
 """``lowres-kd probe RUN``: score the student, every teacher and two baselines, write the report.
 
-Subjects: ``student`` (the trained run), ``teacher:<name>`` (each teacher's own features),
+Subjects: ``student`` (the trained run), ``student->name`` (its features adapted to teacher
+``name`` through the heads, in that teacher's raw space), ``teacher:<name>`` (each teacher's own
+features),
 ``student@init`` (the student's architecture and dense tap with the base weights, before any
 training: separates what the tap gives from what training gives) and ``scratch`` (the same
 architecture, random weights).
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from ..config import TeacherConfig
 from ..model import Student
 from ..teachers import Teacher, build_teacher
-from .base import PROBES, ProbeContext, Subject
+from .base import PROBES, ProbeContext, Subject, adapted_subject
 from .report import write_report
 
 
@@ -29,6 +31,8 @@ def build_subjects(model, teachers: Dict[str, Teacher], recipe) -> Dict[str, Sub
     base = recipe.base_teacher
     size = model.student.input_size
     subjects: Dict[str, Subject] = {"student": model.student}
+    for name in model.heads:
+        subjects[f"student->{name}"] = adapted_subject(model, name)
     for name, teacher in teachers.items():
         subjects[f"teacher:{name}"] = teacher
     init = teachers[base.name] if recipe.student.mode != "scratch" else build_teacher(base).freeze()

@@ -27,7 +27,6 @@ class EfficientNetLiteTeacher(Teacher):
             self.net.load_state_dict(load_state_dict(shipped_file(*SHIPPED)))
         elif weights != "none":
             self.net.load_state_dict(load_state_dict(weights))
-        self.net.set_swish(memory_efficient=False)
         self.layer = None if layer == "last" else int(layer)
         self.spec = TeacherSpec(family="efficientnet_lite0", input_size=input_size,
                                 mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))

