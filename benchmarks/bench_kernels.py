@@ -28,6 +28,7 @@ import json
 import platform
 import re
 import statistics
+import os
 import subprocess
 import sys
 import time
@@ -73,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ environment
 def _git_sha() -> str:
+    if os.environ.get("LOWRES_KD_GIT_SHA"):  # set by gpu_check.sh where the checkout has no .git
+        return os.environ["LOWRES_KD_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
