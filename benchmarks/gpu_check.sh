@@ -20,5 +20,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   timeout "${TEST_SECONDS:-240}" python3 -m pytest -m gpu tests/kernels tests/training/test_trainer_gpu.py -q -x -p no:cacheprovider
   echo "== kernel benchmark"
   timeout "${BENCH_SECONDS:-240}" python3 benchmarks/bench_kernels.py --out "$OUT" --max-seconds "${BENCH_BUDGET:-180}" ${BENCH_ARGS:-}
+  echo "== profile"
+  timeout 90 python3 benchmarks/profile_fused.py --shape "${PROFILE_SHAPE:-65536x1024x1280}"
   echo "== done $(date -u)"
 } 2>&1 | tee "$LOG"

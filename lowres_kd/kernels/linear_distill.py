@@ -10,8 +10,9 @@ an all-masked batch gives 0), sum, or none. The one plain PyTorch reference is
 
 Design (the fused-linear-cross-entropy idea, re-derived for a regression distance):
 
-* The host loops over row chunks of R rows (R * C <= ``CHUNK_ELEMS`` = 2^22 elements, a power of
-  two, so the chunk buffer is <= 8 MiB in bf16 / 16 MiB in fp32). For each chunk:
+* The host loops over row chunks of R rows (R * C <= ``CHUNK_ELEMS`` = 2^25 elements, a power of
+  two, so the chunk buffer is <= 64 MiB in bf16 / 128 MiB in fp32; smaller chunks left the
+  matmuls too small to fill an H200, see benchmarks/results). For each chunk:
     1. ``P_c = H_c W^T + b`` by the vendor matmul (cuBLAS) in the input dtype, into one reused
        (R, C) buffer;
     2. the Triton kernel below, one program per block of rows, loops over C tiles twice: first
@@ -63,7 +64,7 @@ from ..losses.distance import COS_EPS, DISTANCES
 from ..losses.fused_linear_distill import REDUCTIONS
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CHUNK_ELEMS = 1 << 22  # bound on rows_per_chunk * C
+CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
 
 # distance name -> (has the cosine term, elementwise term: 0 none, 1 smoothL1, 2 squared error)
 _KERNEL_DISTANCES = {"cos_smoothl1": (True, 1), "cos": (True, 0), "mse": (False, 2)}

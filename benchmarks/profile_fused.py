@@ -1,0 +1,39 @@
+"""Where the time of one fused forward+backward goes (CUDA): torch.profiler's kernel table for the
+fused op and the eager reference at one shape. A diagnostic for tuning, not a benchmark."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lowres_kd.kernels import fused_linear_distill
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="65536x1024x1280", help="NxKxC")
+    parser.add_argument("--rows", type=int, default=15, help="table rows per method")
+    args = parser.parse_args()
+    n, k, c = map(int, args.shape.split("x"))
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    h = torch.randn(n, k, device=dev, dtype=dt, requires_grad=True)
+    w = (torch.randn(c, k, device=dev, dtype=dt) / k**0.5).requires_grad_()
+    b = torch.zeros(c, device=dev, dtype=dt, requires_grad=True)
+    t = torch.randn(n, c, device=dev, dtype=dt)
+    for backend in ("triton", "torch"):
+        def step():
+            fused_linear_distill(h, w, b, t, backend=backend).backward()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"== {backend} {args.shape} (5 steps)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
