@@ -77,6 +77,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (RecipeError, FileNotFoundError, FileExistsError) as exc:
         print(f"lowres-kd: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the run stopped: non-finite losses, out of memory, a busy run directory
+        from .training.lock import RunDirectoryInUse
+        from .training.trainer import NonFiniteLossError, TrainingOutOfMemory
+
+        if not isinstance(exc, (NonFiniteLossError, TrainingOutOfMemory, RunDirectoryInUse)):
+            raise
+        print(f"lowres-kd: stopped: {exc}", file=sys.stderr)
+        return 3
     return 1
 
 

@@ -199,7 +199,7 @@ def _build(cls, data, prefix: str, errors: List[str]):
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"{full}: unknown key{hint}; allowed: {', '.join(fields)}")
             continue
@@ -230,6 +230,8 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
     for i, p in enumerate(r.probe.probes):
         need(p in choices["probe.probes"], f"probe.probes[{i}]", f"one of {', '.join(choices['probe.probes'])}", p)
 
+    need(bool(r.name.strip()), "name", "a non-empty run name", r.name)
+    need(bool(r.output_dir.strip()), "output_dir", "a non-empty path (may contain {name})", r.output_dir)
     need(len(r.teachers) >= 1, "teachers", "at least one teacher", r.teachers)
     names = [t.name for t in r.teachers]
     for i, t in enumerate(r.teachers):
@@ -277,6 +279,7 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
     for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", "an integer >= 1", getattr(t, key))
     need(t.keep_last >= 1, "train.keep_last", "an integer >= 1", t.keep_last)
+    need(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
     p = r.probe
     need(p.labelled in ("fashion_mnist", "digits"), "probe.labelled", "fashion_mnist | digits", p.labelled)
     for key in ("train_per_class", "test_per_class", "edge_images", "fidelity_images"):

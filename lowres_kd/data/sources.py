@@ -382,14 +382,15 @@ class EmbeddedSource(ImageSource):
         return Image.fromarray(arr, "RGB")
 
 
-def build_source(spec: str, **kwargs) -> ImageSource:
-    """``"embedded"`` -> :class:`EmbeddedSource`; anything else is a folder path.
+def build_source(spec: str, fashion_mnist: int = 64, **kwargs) -> ImageSource:
+    """``"embedded"`` -> :class:`EmbeddedSource` (with ``fashion_mnist`` Fashion-MNIST images);
+    anything else is a folder path (``fashion_mnist`` is ignored there).
 
-    A folder that happens to be called ``embedded`` is reached as ``./embedded``. Keyword
-    arguments go to the chosen class (e.g. ``fashion_mnist=0`` or ``max_pixels=...``).
+    A folder that happens to be called ``embedded`` is reached as ``./embedded``. Other keyword
+    arguments go to the chosen class (e.g. ``max_pixels=...`` for a folder).
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"image source must be 'embedded' or a folder path, got {spec!r}")
     if isinstance(spec, str) and spec.strip().lower() == "embedded":
-        return EmbeddedSource(**kwargs)
+        return EmbeddedSource(fashion_mnist=fashion_mnist, **kwargs)
     return FolderSource(spec, **kwargs)

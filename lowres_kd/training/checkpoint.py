@@ -54,7 +54,16 @@ def read_dir(path: Path, names: List[str]) -> Tuple[Dict[str, Dict[str, torch.Te
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE})")
     meta = json.loads((path / COMPLETE).read_text())
-    return {n: load_file(str(path / f"{n}.safetensors")) for n in names if (path / f"{n}.safetensors").is_file()}, meta
+    tensors = {}
+    for name in names:
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            continue
+        try:
+            tensors[name] = load_file(str(file))
+        except Exception as exc:  # a pickle or anything else posing as safetensors
+            raise ValueError(f"{file} is not a valid safetensors file; refusing to load it ({exc})") from exc
+    return tensors, meta
 
 
 def step_checkpoints(run_dir: Path) -> List[Path]:

@@ -37,10 +37,28 @@ from ..kernels import fused_linear_distill
 from ..model import InheritedModel, Student
 from ..teachers import Features, Teacher, build_teacher
 from . import checkpoint as ckpt
+from .lock import RunLock
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainingOutOfMemory(RuntimeError):
+    pass
+
+
+def out_of_memory_advice(recipe: Recipe, device: torch.device) -> str:
+    """What to change after an out-of-memory step (until the planner of DESIGN §3 exists)."""
+    t, s = recipe.train, recipe.student
+    tips = []
+    if t.batch_size > 1:
+        tips.append(f"--set train.batch_size={max(1, t.batch_size // 2)} --set train.grad_accum={t.grad_accum * 2} "
+                    f"(same effective batch)")
+    if not s.grad_checkpointing:
+        tips.append("--set student.grad_checkpointing=true")
+    tips.append(f"a smaller data.image_size (now {recipe.data.image_size})")
+    return f"out of memory on {device} at train.batch_size={t.batch_size}; try: " + "; or ".join(tips)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +120,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Take the run directory's lock, build everything, then calibrate or resume."""
+        self.lock = RunLock(self.run_dir).acquire()
+        if self.lock.took_over:
+            tqdm.write(f"took over a stale lock of pid {self.lock.took_over.get('pid')} in {self.run_dir}")
+        try:
+            return self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self) -> "Trainer":
         self.device = resolve_device(self.recipe.train.device)
         torch.manual_seed(self.recipe.train.seed)
         self._setup_data()
@@ -223,12 +252,23 @@ class Trainer:
                 if len(images):
                     yield images
             if self.bad_images.count:
-                tqdm.write("bad images: " + self.bad_images.format())
+                report = self.bad_images.format()
+                tqdm.write("bad images: " + report)
+                with (self.run_dir / "bad_images.log").open("a") as f:
+                    f.write(report + "\n")
             self.epoch += 1
             self.batches_done = 0
             self.bad_images.reset(self.epoch)
 
     def train(self) -> dict:
+        """Run to ``train.steps``, checkpointing on the way; the lock is released at the end,
+        also when the run stops with an error."""
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict:
         r = self.recipe
         t = r.train
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and t.bf16)
@@ -247,12 +287,21 @@ class Trainer:
             finite = True
             for _ in range(t.grad_accum):
                 images = next(batches).to(self.device)
-                with autocast:
-                    loss, terms = self._loss_step(images)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                (loss / t.grad_accum).backward()
+                try:
+                    with autocast:
+                        loss, terms = self._loss_step(images)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    (loss / t.grad_accum).backward()
+                except torch.cuda.OutOfMemoryError as exc:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    raise TrainingOutOfMemory(
+                        f"step {self.step}: {out_of_memory_advice(r, self.device)}. The last checkpoint is "
+                        f"intact: {ckpt.latest_checkpoint(self.run_dir)}; resume with --resume and the new settings."
+                    ) from exc
                 total += loss.detach() / t.grad_accum
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum

