@@ -50,7 +50,7 @@ def plot_losses(log_path: Path, out: Path) -> bool:
     keys = [k for k in rows[0] if k == "loss" or k.endswith(("/global", "/dense"))]
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in keys:
-        ax.plot(steps, [float(r[k]) for r in rows], label=k, lw=2 if k == "loss" else 1)
+        ax.plot(steps, [float(r[k] or "nan") for r in rows], label=k, lw=2 if k == "loss" else 1)  # skipped steps: gaps
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
     return True

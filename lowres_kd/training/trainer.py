@@ -114,7 +114,8 @@ class Trainer:
         self.progress = progress
         self.run_dir = recipe.run_dir
         self.step = 0
-        self.bad_steps = 0
+        self.bad_steps = 0  # non-finite losses in a row
+        self.skipped_steps = 0  # in the whole run
         self.epoch = 0
         self.batches_done = 0  # in the current epoch
 
@@ -309,7 +310,9 @@ class Trainer:
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.bad_steps += 1
+                self.skipped_steps += 1
                 tqdm.write(f"step {self.step}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+                log.write({"step": self.step + 1, "lr": lr, "loss": float("nan"), "skipped_steps": self.skipped_steps})
                 if self.bad_steps >= t.max_bad_steps:
                     raise NonFiniteLossError(
                         f"{self.bad_steps} non-finite losses in a row (train.max_bad_steps={t.max_bad_steps}); "
@@ -324,7 +327,7 @@ class Trainer:
             elapsed = time.perf_counter() - started
             last = {"step": self.step, "lr": lr, "loss": float(total), **{k: float(v) for k, v in sums.items()},
                     "images_per_s": n_images / elapsed, "peak_mem_gib": peak_memory_gib(self.device),
-                    "bad_images": self.bad_images.count}
+                    "bad_images": self.bad_images.count, "skipped_steps": self.skipped_steps}
             if self.step % t.log_every == 0 or self.step == t.steps:
                 log.write(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", ips=f"{last['images_per_s']:.1f}")
@@ -342,6 +345,7 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done, "bad_steps": self.bad_steps,
+                "skipped_steps": self.skipped_steps,
                 "bad_images": self.bad_images.state_dict(), "recipe": self.recipe.to_dict(),
                 "specs": {n: s.__dict__ for n, s in self.model.specs.items()}}
 
@@ -371,7 +375,7 @@ class Trainer:
         if "cuda" in tensors["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng"]["cuda"], self.device)
         self.step, self.epoch, self.batches_done = meta["step"], meta["epoch"], meta["batches_done"]
-        self.bad_steps = meta["bad_steps"]
+        self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
         self.bad_images.load_state_dict(meta["bad_images"])
         tqdm.write(f"resumed from {path} at step {self.step}")
 

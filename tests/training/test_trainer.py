@@ -92,7 +92,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny_recipe, monke
 
 
 def test_non_finite_losses_skip_then_stop(tiny_recipe, monkeypatch):
-    recipe = tiny_recipe(train={"steps": 6, "checkpoint_every": 100, "max_bad_steps": 3})
+    recipe = tiny_recipe(train={"steps": 6, "checkpoint_every": 1, "max_bad_steps": 3})
     trainer = Trainer(recipe, progress=False).setup()
     original = trainer._loss_step
     calls = {"n": 0}
@@ -111,6 +111,11 @@ def test_non_finite_losses_skip_then_stop(tiny_recipe, monkeypatch):
     after = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any(not torch.equal(params_before[n], after[n]) for n in after)
     assert all(torch.isfinite(p).all() for p in after.values())
+    # counted and logged; the checkpoint of the last good step is intact and loadable
+    rows = read_log(recipe.run_dir)
+    assert [r["skipped_steps"] for r in rows] == ["0", "1", "2", "3"] and rows[-1]["loss"] == "nan"
+    assert ckpt.latest_checkpoint(recipe.run_dir).name == "step_0000001"
+    lowres_kd.load(ckpt.latest_checkpoint(recipe.run_dir))
 
 
 def test_lr_schedule_warms_up_then_decays(tiny_recipe):
