@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the probes")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
+    p = sub.add_parser("cache", help="run every teacher once and store normalised targets (train with no teacher loaded)",
+                       description="Fit the normalisers, then store each teacher's normalised global and dense "
+                                   "targets for cache.epochs augmented views of every image in cache.dir "
+                                   "(fp16, or int8 with per-row scales). Train from it with "
+                                   "--set teachers_from=cache; a cache that no longer matches the recipe is refused.")
+    _add_recipe_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
     p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
     _add_recipe_args(p)
 
@@ -55,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .cache import StaleCacheError
     from .config import RecipeError, load_recipe
 
     try:
@@ -67,6 +76,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = run_probes(args.run, probes, device=args.device, progress=not args.no_progress)
             print((Path(args.run) / "report.md").read_text())
             return 0 if result["rows"] else 1
+        if args.command == "cache":
+            from .cache import build_cache
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            report = build_cache(recipe, progress=not args.no_progress)
+            print(f"cache {recipe.cache_dir}: {report['images']} images x {report['views']} views, "
+                  f"{report['bytes'] / 2**20:.1f} MiB ({report['ratio']:.3f} of fp32), storage error "
+                  f"{report['relative_error']:.2e} relative, {report['max_abs_error']:.2e} max")
+            return 0
         if args.command == "validate":
             import yaml
 
@@ -74,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "list":
             return _list(args.pattern)
-    except (RecipeError, FileNotFoundError, FileExistsError) as exc:
+    except (RecipeError, FileNotFoundError, FileExistsError, StaleCacheError) as exc:
         print(f"lowres-kd: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # the run stopped: non-finite losses, out of memory, a busy run directory

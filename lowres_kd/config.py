@@ -71,6 +71,14 @@ class DataConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str = ""  # "": <run dir>/cache
+    dtype: str = "fp16"  # fp16 | int8 (per-row scale): storage of the normalised targets
+    epochs: int = 4  # augmented views cached per image; training reuses them every `epochs` epochs
+    shard_images: int = 1024  # images per shard file
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -110,6 +118,8 @@ class Recipe:
     name: str
     teachers: List[TeacherConfig]
     output_dir: str = "runs/{name}"
+    teachers_from: str = "live"  # live: run the teachers | cache: read `lowres-kd cache` targets, no teacher loaded
+    cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -121,6 +131,10 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache.dir.format(name=self.name)) if self.cache.dir else self.run_dir / "cache"
 
     @property
     def base_teacher(self) -> TeacherConfig:
@@ -137,6 +151,8 @@ CHOICES = {
     "student.mode": ("adapter", "full", "scratch"),
     "loss.kernels": ("auto", "torch", "triton"),
     "train.device": ("auto", "cpu", "cuda"),
+    "teachers_from": ("live", "cache"),
+    "cache.dtype": ("fp16", "int8"),
 }
 
 
@@ -223,14 +239,18 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
             errors.append(f"{key}: {value!r} is not allowed; {allowed}")
 
     choices = {**CHOICES, **_registry_choices()}
-    for key in ("student.mode", "loss.kernels", "train.device", "space.normalizer", "loss.distance"):
-        section, attr = key.split(".")
-        value = getattr(getattr(r, section), attr)
+    for key in ("student.mode", "loss.kernels", "train.device", "space.normalizer", "loss.distance", "cache.dtype",
+                "teachers_from"):
+        value = r
+        for attr in key.split("."):
+            value = getattr(value, attr)
         need(value in choices[key], key, f"one of {', '.join(choices[key])}", value)
     for i, p in enumerate(r.probe.probes):
         need(p in choices["probe.probes"], f"probe.probes[{i}]", f"one of {', '.join(choices['probe.probes'])}", p)
 
     need(bool(r.name.strip()), "name", "a non-empty run name", r.name)
+    need(r.cache.epochs >= 1, "cache.epochs", "an integer >= 1", r.cache.epochs)
+    need(r.cache.shard_images >= 1, "cache.shard_images", "an integer >= 1", r.cache.shard_images)
     need(bool(r.output_dir.strip()), "output_dir", "a non-empty path (may contain {name})", r.output_dir)
     need(len(r.teachers) >= 1, "teachers", "at least one teacher", r.teachers)
     names = [t.name for t in r.teachers]

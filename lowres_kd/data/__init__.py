@@ -15,10 +15,12 @@ from .sources import (
 from .transforms import EvalTransform, TrainTransform, pil_to_tensor01, random_resized_crop_box
 from .datasets import (
     BadImageReport,
+    Indexed,
     ResumableSampler,
     Skipped,
     TrainImages,
     collate_images,
+    collate_indexed,
     make_train_loader,
     mix_seed,
     start_epoch,
@@ -38,7 +40,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "SKIMAGE_IMAGES", "BadImage", "EmbeddedSource",
     "FolderSource", "ImageSource", "build_source", "load_image_file", "to_rgb",
     "EvalTransform", "TrainTransform", "pil_to_tensor01", "random_resized_crop_box",
-    "BadImageReport", "ResumableSampler", "Skipped", "TrainImages", "collate_images",
+    "BadImageReport", "Indexed", "collate_indexed", "ResumableSampler", "Skipped", "TrainImages", "collate_images",
     "make_train_loader", "mix_seed", "start_epoch",
     "FASHION_MNIST_CLASSES", "LABELLED_SETS", "LabelledSplit", "fashion_mnist_available",
     "fashion_mnist_dir", "load_labelled", "read_idx_images", "read_idx_labels",

@@ -29,6 +29,8 @@ __all__ = [
     "collate_images",
     "ResumableSampler",
     "make_train_loader",
+    "Indexed",
+    "collate_indexed",
     "start_epoch",
     "BadImageReport",
 ]
@@ -182,8 +184,38 @@ class ResumableSampler(Sampler[int]):
         self.start_at(state["start"])
 
 
+class Indexed(Dataset):
+    """``dataset`` whose good items come with their index: ``(index, tensor)``; ``Skipped``
+    records pass through. Training from a target cache needs to know which rows to read."""
+
+    def __init__(self, dataset: TrainImages):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def size(self) -> Optional[int]:
+        return self.dataset.size
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return item if item is None or isinstance(item, Skipped) else (int(index), item)
+
+
+def collate_indexed(batch: Sequence, size: Optional[int] = None
+                    ) -> Tuple[torch.Tensor, List[Tuple[str, str]], torch.Tensor]:
+    """:func:`collate_images` for :class:`Indexed` items; also returns the good items' indices."""
+    good = [b for b in batch if b is not None and not isinstance(b, Skipped)]
+    images, skipped = collate_images([b if b is None or isinstance(b, Skipped) else b[1] for b in batch], size)
+    return images, skipped, torch.tensor([b[0] for b in good], dtype=torch.long)
+
+
 def make_train_loader(dataset: TrainImages, batch_size: int, sampler: ResumableSampler,
-                      num_workers: int = 0, drop_last: bool = True, **kwargs) -> DataLoader:
+                      num_workers: int = 0, drop_last: bool = True, collate=collate_images, **kwargs) -> DataLoader:
     """A DataLoader over ``dataset`` in ``sampler`` order that yields ``(images, skipped)``.
 
     The loader gets its own ``torch.Generator`` (DataLoader draws a base seed at every
@@ -196,7 +228,7 @@ def make_train_loader(dataset: TrainImages, batch_size: int, sampler: ResumableS
         raise ValueError(f"sampler covers {sampler.n} items, dataset has {len(dataset)}")
     g = torch.Generator()
     g.manual_seed(mix_seed(sampler.seed, 0x10AD))
-    collate = functools.partial(collate_images, size=getattr(dataset, "size", None))
+    collate = functools.partial(collate, size=getattr(dataset, "size", None))
     return DataLoader(dataset, batch_size=int(batch_size), sampler=sampler,
                       num_workers=int(num_workers), drop_last=drop_last, collate_fn=collate,
                       generator=g, persistent_workers=False, **kwargs)

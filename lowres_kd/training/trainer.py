@@ -30,12 +30,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import Recipe, TeacherConfig
-from ..data import (BadImageReport, EvalTransform, ResumableSampler, TrainImages, TrainTransform, build_source,
-                    collate_images, make_train_loader, start_epoch)
+from ..data import (BadImageReport, EvalTransform, Indexed, ResumableSampler, TrainImages, TrainTransform, build_source,
+                    collate_images, collate_indexed, make_train_loader, start_epoch)
 from ..heads import dense_rows
 from ..kernels import fused_linear_distill
 from ..model import InheritedModel, Student
-from ..teachers import Features, Teacher, build_teacher
+from ..teachers import Features, Teacher, TeacherSpec, build_teacher
 from . import checkpoint as ckpt
 from .lock import RunLock
 
@@ -84,12 +84,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
-def build_student_and_teachers(recipe: Recipe, load_weights: bool = True):
+def build_student_and_teachers(recipe: Recipe, load_weights: bool = True, with_teachers: bool = True):
     """The student and the frozen teachers a recipe asks for.
 
     Returns ``(student, teachers)``; in adapter mode the base teacher is absent from
     ``teachers`` (it lives inside the student). With ``load_weights=False`` only the student is
-    built, from random weights, to receive a checkpoint.
+    built, from random weights, to receive a checkpoint; ``with_teachers=False`` builds no
+    teacher (training from a cache).
     """
     base = recipe.base_teacher
     mode = recipe.student.mode
@@ -97,7 +98,7 @@ def build_student_and_teachers(recipe: Recipe, load_weights: bool = True):
     backbone = build_teacher(TeacherConfig(**{**base.__dict__, "weights": base_weights}))
     student = Student(backbone, recipe.student)
     teachers: Dict[str, Teacher] = {}
-    if load_weights:
+    if load_weights and with_teachers:
         for t in recipe.teachers:
             if t.base and mode == "adapter":
                 continue
@@ -131,11 +132,37 @@ class Trainer:
             self.lock.release()
             raise
 
+    def prepare_targets(self) -> "Trainer":
+        """Data, teachers and fitted normalisers, without lock or optimizer: what
+        ``lowres-kd cache`` needs to compute targets."""
+        self.device = resolve_device(self.recipe.train.device)
+        torch.manual_seed(self.recipe.train.seed)
+        self.cache = None
+        self._setup_data()
+        self._setup_model()
+        self._calibrate()
+        return self
+
+    def cache_manifest(self) -> dict:
+        from ..cache import expected_manifest
+
+        specs = {n: dict(s.__dict__, grid=list(s.grid), mean=list(s.mean), std=list(s.std)) for n, s in self.model.specs.items()}
+        return expected_manifest(self.recipe, self.source.names(), specs)
+
     def _setup(self) -> "Trainer":
         self.device = resolve_device(self.recipe.train.device)
         torch.manual_seed(self.recipe.train.seed)
+        self.cache = None
+        if self.recipe.teachers_from == "cache":
+            from ..cache import TargetCache
+
+            self.cache = TargetCache(self.recipe.cache_dir)
         self._setup_data()
         self._setup_model()
+        if self.cache is not None:  # the cache's specs built the heads: now check it all matches
+            from ..cache import TargetCache
+
+            self.cache = TargetCache(self.recipe.cache_dir, expected=self.cache_manifest())
         self._setup_optimizer()
         latest = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
         if self.resume and latest is None:
@@ -145,7 +172,10 @@ class Trainer:
         else:
             if ckpt.latest_checkpoint(self.run_dir) is not None:
                 raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume to continue, or remove it")
-            self._calibrate()
+            if self.cache is not None:
+                self._load_cached_normalizers()
+            else:
+                self._calibrate()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
         return self
@@ -159,16 +189,26 @@ class Trainer:
         bs = self.recipe.train.batch_size
         if len(self.dataset) < bs:
             raise ValueError(f"data.source {d.source!r} has {len(self.dataset)} images, fewer than train.batch_size={bs}")
-        self.loader = make_train_loader(self.dataset, bs, self.sampler, num_workers=d.num_workers)
+        self.loader = make_train_loader(Indexed(self.dataset), bs, self.sampler, num_workers=d.num_workers,
+                                        collate=collate_indexed)
         self.bad_images = BadImageReport(epoch=0)
         self.calibration = TrainImages(self.source, EvalTransform(d.image_size), seed=seed)
 
     def _setup_model(self) -> None:
         r = self.recipe
-        student, self.teachers = build_student_and_teachers(r)
+        student, self.teachers = build_student_and_teachers(r, with_teachers=self.cache is None)
+        cached = self.cache.specs() if self.cache is not None else {}
         specs = {}
         for t in r.teachers:
-            specs[t.name] = student.body.spec if (t.base and r.student.mode == "adapter") else self.teachers[t.name].spec
+            if t.base and r.student.mode == "adapter":
+                specs[t.name] = student.body.spec
+            elif t.name in self.teachers:
+                specs[t.name] = self.teachers[t.name].spec
+            elif t.name in cached:
+                specs[t.name] = TeacherSpec(**{**cached[t.name], "grid": tuple(cached[t.name]["grid"]),
+                                               "mean": tuple(cached[t.name]["mean"]), "std": tuple(cached[t.name]["std"])})
+            else:
+                raise FileNotFoundError(f"teacher {t.name!r} is not in the cache at {r.cache_dir}; rebuild it")
         self.model = InheritedModel(student, specs, r.space.head_hidden, r.space.normalizer).to(self.device)
         for teacher in self.teachers.values():
             teacher.to(self.device)
@@ -193,6 +233,12 @@ class Trainer:
                 out[t.name] = self.teachers[t.name](images)
         return {n: Features(f.global_.float(), f.dense.float()) for n, f in out.items()}
 
+    def _load_cached_normalizers(self) -> None:
+        for kind, mods in (("global", self.model.norm_global), ("dense", self.model.norm_dense)):
+            state = self.cache.normalizer_state(kind)
+            for name, mod in mods.items():
+                mod.load_state_dict(state[name])
+
     @torch.no_grad()
     def _calibrate(self) -> None:
         """Fit every normaliser on ``space.calibration_images`` centre-cropped images."""
@@ -211,10 +257,16 @@ class Trainer:
         self.model.train(was)
 
     # ------------------------------------------------------------------ loss
-    def _loss_step(self, images: torch.Tensor):
+    def _targets(self, images: torch.Tensor, indices: Optional[torch.Tensor]) -> Dict[str, Features]:
+        """Normalised targets: from the cache (teachers_from: cache) or the teachers, live."""
+        if self.cache is not None:
+            return self.cache.targets(self.epoch, indices, self.device)
+        return {n: self.model.normalise(n, f) for n, f in self.teacher_features(images).items()}
+
+    def _loss_step(self, images: torch.Tensor, indices: Optional[torch.Tensor] = None):
         """Total loss and its per-teacher terms for one micro-batch (DESIGN §2.3)."""
         r, lo = self.recipe, self.recipe.loss
-        targets = {n: self.model.normalise(n, f) for n, f in self.teacher_features(images).items()}
+        targets = self._targets(images, indices)
         feats = self.model.student(images)
         terms, per_teacher = {}, []
         for t in r.teachers:
@@ -247,11 +299,13 @@ class Trainer:
         """Endless micro-batches; tracks (epoch, batches_done) for exact resume."""
         while True:
             start_epoch(self.loader, self.epoch, self.batches_done)
-            for images, skipped in self.loader:
+            if self.cache is not None:  # crops repeat every cache.epochs epochs, as cached
+                self.dataset.set_epoch(self.epoch % self.cache.epochs)
+            for images, skipped, indices in self.loader:
                 self.batches_done += 1
                 self.bad_images.update(len(images), skipped)
                 if len(images):
-                    yield images
+                    yield images, indices
             if self.bad_images.count:
                 report = self.bad_images.format()
                 tqdm.write("bad images: " + report)
@@ -287,10 +341,11 @@ class Trainer:
             total, sums, n_images = 0.0, {}, 0
             finite = True
             for _ in range(t.grad_accum):
-                images = next(batches).to(self.device)
+                images, indices = next(batches)
+                images = images.to(self.device)
                 try:
                     with autocast:
-                        loss, terms = self._loss_step(images)
+                        loss, terms = self._loss_step(images, indices)
                     if not torch.isfinite(loss):
                         finite = False
                         break

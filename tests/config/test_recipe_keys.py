@@ -9,10 +9,10 @@ import typing
 import pytest
 
 from conftest import tiny_recipe_dict
-from lowres_kd.config import (DataConfig, LossConfig, OptimConfig, ProbeConfig, Recipe, RecipeError, SpaceConfig,
+from lowres_kd.config import (CacheConfig, DataConfig, LossConfig, OptimConfig, ProbeConfig, Recipe, RecipeError, SpaceConfig,
                               StudentConfig, TeacherConfig, TrainConfig, recipe_from_dict)
 
-SECTIONS = {"student": StudentConfig, "space": SpaceConfig, "loss": LossConfig, "data": DataConfig,
+SECTIONS = {"cache": CacheConfig, "student": StudentConfig, "space": SpaceConfig, "loss": LossConfig, "data": DataConfig,
             "optim": OptimConfig, "train": TrainConfig, "probe": ProbeConfig}
 TOP = [f.name for f in dataclasses.fields(Recipe) if f.name not in SECTIONS]
 
@@ -40,10 +40,12 @@ OUT_OF_RANGE = {
     "probe.edge_images": 1, "probe.fidelity_images": 1, "probe.image_size": -1,
     "teachers[0].family": "resnet", "teachers[0].weights": "/no/such/file.pt", "teachers[0].input_size": -1,
     "teachers[0].layer": "first", "teachers[0].weight": -1.0, "teachers[0].base": False, "teachers[0].name": "a.b",
-    "name": "", "output_dir": "",
+    "name": "", "output_dir": "", "teachers_from": "disk",
+    "cache.dtype": "int4", "cache.epochs": 0, "cache.shard_images": 0,
 }
 REPORTED_AS = {"teachers[0].base": "teachers[*].base"}  # "exactly one base" is a property of the list
 UNBOUNDED = {
+    "cache.dir": "any folder; created by `lowres-kd cache`",
     "teachers[0].model": "a free model name, checked by the family when it builds",
     "data.hflip": "a boolean: both values are allowed",
     "student.grad_checkpointing": "a boolean: both values are allowed",

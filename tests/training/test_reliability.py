@@ -121,11 +121,11 @@ def test_out_of_memory_stops_with_advice_and_an_intact_checkpoint(tmp_path, monk
     original = trainer._loss_step
     calls = {"n": 0}
 
-    def oom_on_second(images):
+    def oom_on_second(*batch):
         calls["n"] += 1
         if calls["n"] == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(images)
+        return original(*batch)
 
     monkeypatch.setattr(trainer, "_loss_step", oom_on_second)
     with pytest.raises(TrainingOutOfMemory) as info:

@@ -97,9 +97,9 @@ def test_non_finite_losses_skip_then_stop(tiny_recipe, monkeypatch):
     original = trainer._loss_step
     calls = {"n": 0}
 
-    def poisoned(images):
+    def poisoned(*batch):
         calls["n"] += 1
-        loss, terms = original(images)
+        loss, terms = original(*batch)
         return (loss * float("nan") if calls["n"] > 1 else loss), terms
 
     monkeypatch.setattr(trainer, "_loss_step", poisoned)
@@ -156,7 +156,7 @@ def test_cli_help_and_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "train" in capsys.readouterr().out
-    for sub in ("train", "probe", "validate", "list"):
+    for sub in ("train", "probe", "cache", "validate", "list"):
         with pytest.raises(SystemExit):
             main([sub, "--help"])
         assert "usage" in capsys.readouterr().out
