@@ -96,10 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lowres-kd: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # the run stopped: non-finite losses, out of memory, a busy run directory
+        from .lowmem import FidelityError
         from .training.lock import RunDirectoryInUse
         from .training.trainer import NonFiniteLossError, TrainingOutOfMemory
 
-        if not isinstance(exc, (NonFiniteLossError, TrainingOutOfMemory, RunDirectoryInUse)):
+        if not isinstance(exc, (NonFiniteLossError, TrainingOutOfMemory, RunDirectoryInUse, FidelityError)):
             raise
         print(f"lowres-kd: stopped: {exc}", file=sys.stderr)
         return 3

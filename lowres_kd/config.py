@@ -30,6 +30,9 @@ class TeacherConfig:
     layer: Union[int, str] = "last"  # dense feature layer: "last" or a block index
     weight: Optional[float] = None  # w_t in the total loss; None: 1/T
     base: bool = False  # the general-purpose teacher the student starts from
+    bits: int = 16  # 16 | 8 (bitsandbytes int8) | 4 (nf4): the teacher's linear layers
+    offload: bool = False  # keep blocks in CPU memory, stream them to the GPU one ahead of use
+    min_fidelity: float = 0.95  # quantized teachers: stop if feature cosine vs full precision is lower
 
 
 @dataclass
@@ -262,6 +265,12 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
         need(t.input_size >= 0, f"{k}.input_size", "0 (family default) or a positive size", t.input_size)
         need(t.weight is None or t.weight >= 0, f"{k}.weight", "a weight >= 0 or null (1/T)", t.weight)
         need(t.layer == "last" or isinstance(t.layer, int), f"{k}.layer", "'last' or a block index", t.layer)
+        need(t.bits in (16, 8, 4), f"{k}.bits", "16, 8 or 4", t.bits)
+        need(0 <= t.min_fidelity <= 1, f"{k}.min_fidelity", "a cosine in [0, 1]", t.min_fidelity)
+        if t.base and r.student.mode == "adapter":
+            need(t.bits == 16, f"{k}.bits", "16 for the base teacher in adapter mode (it is the student's own "
+                 "frozen backbone; quantizing it is not supported yet)", t.bits)
+            need(not t.offload, f"{k}.offload", "false for the base teacher in adapter mode (it is the student)", t.offload)
         w = t.weights
         if w not in ("shipped", "hub", "none") and not Path(w).is_file():
             errors.append(f"{k}.weights: file not found: {w} (or use shipped | hub | none)")

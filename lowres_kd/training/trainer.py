@@ -135,12 +135,9 @@ class Trainer:
     def prepare_targets(self) -> "Trainer":
         """Data, teachers and fitted normalisers, without lock or optimizer: what
         ``lowres-kd cache`` needs to compute targets."""
-        self.device = resolve_device(self.recipe.train.device)
-        torch.manual_seed(self.recipe.train.seed)
-        self.cache = None
-        self._setup_data()
-        self._setup_model()
+        self._build(from_cache=False)
         self._calibrate()
+        self._check_fidelity()
         return self
 
     def cache_manifest(self) -> dict:
@@ -149,20 +146,20 @@ class Trainer:
         specs = {n: dict(s.__dict__, grid=list(s.grid), mean=list(s.mean), std=list(s.std)) for n, s in self.model.specs.items()}
         return expected_manifest(self.recipe, self.source.names(), specs)
 
-    def _setup(self) -> "Trainer":
+    def _build(self, from_cache: bool) -> None:
+        """Device, seed, data, student (+ heads, normalisers) and teachers or the target cache."""
+        from ..cache import TargetCache
+
         self.device = resolve_device(self.recipe.train.device)
         torch.manual_seed(self.recipe.train.seed)
-        self.cache = None
-        if self.recipe.teachers_from == "cache":
-            from ..cache import TargetCache
-
-            self.cache = TargetCache(self.recipe.cache_dir)
+        self.cache = TargetCache(self.recipe.cache_dir) if from_cache else None
         self._setup_data()
         self._setup_model()
-        if self.cache is not None:  # the cache's specs built the heads: now check it all matches
-            from ..cache import TargetCache
-
+        if from_cache:  # the cache's specs built the heads: now check that all of it matches
             self.cache = TargetCache(self.recipe.cache_dir, expected=self.cache_manifest())
+
+    def _setup(self) -> "Trainer":
+        self._build(from_cache=self.recipe.teachers_from == "cache")
         self._setup_optimizer()
         latest = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
         if self.resume and latest is None:
@@ -176,6 +173,7 @@ class Trainer:
                 self._load_cached_normalizers()
             else:
                 self._calibrate()
+        self._check_fidelity()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
         return self
@@ -210,9 +208,54 @@ class Trainer:
             else:
                 raise FileNotFoundError(f"teacher {t.name!r} is not in the cache at {r.cache_dir}; rebuild it")
         self.model = InheritedModel(student, specs, r.space.head_hidden, r.space.normalizer).to(self.device)
-        for teacher in self.teachers.values():
-            teacher.to(self.device)
+        self._setup_low_memory_teachers()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _setup_low_memory_teachers(self) -> None:
+        """Quantize (``bits``) and offload (``offload``) teachers as their entries ask. The
+        full-precision features of a calibration batch are kept to check fidelity once the
+        normalisers exist (``_check_fidelity``)."""
+        from ..lowmem import enable_offload, move_to, quantize_teacher
+
+        entries = {t.name: t for t in self.recipe.teachers}
+        self.fidelity_reference = {}
+        self.teacher_report = {}
+        for name, teacher in self.teachers.items():
+            t = entries[name]
+            if t.bits < 16:
+                images = self._fidelity_images()
+                with torch.no_grad():
+                    self.fidelity_reference[name] = teacher(images)
+                quant = quantize_teacher(teacher, t.bits, device=self.device)
+                self.teacher_report[name] = {"quantization": quant.summary()}
+                tqdm.write(f"teacher {name}: {quant.summary()}")
+            else:
+                move_to(teacher, self.device)
+            if t.offload:
+                enable_offload(teacher, self.device)
+
+    def _fidelity_images(self) -> torch.Tensor:
+        n = min(8, len(self.calibration))
+        images, _ = collate_images([self.calibration[i] for i in range(n)])
+        return images.to(self.device)
+
+    def _check_fidelity(self) -> None:
+        """Quantized teachers vs their full-precision features (normalised space): stop below
+        ``min_fidelity``, naming the teacher and the next bit width; write ``teachers.json``."""
+        from ..lowmem import check_fidelity, teacher_fidelity
+
+        entries = {t.name: t for t in self.recipe.teachers}
+        for name, reference in self.fidelity_reference.items():
+            norms = (self.model.norm_global[name], self.model.norm_dense[name])
+            report = teacher_fidelity(reference, self.teachers[name], self._fidelity_images(), normalisers=norms)
+            raw = teacher_fidelity(reference, self.teachers[name], self._fidelity_images())
+            self.teacher_report[name].update(fidelity_normalised=report.as_dict(), fidelity_raw=raw.as_dict())
+            tqdm.write(f"teacher {name}: fidelity cos {report.cos_min:.4f} (normalised), {raw.cos_min:.4f} (raw); "
+                       f"relative error {report.rel_err_dense:.3f} (dense, normalised)")
+            check_fidelity(report, entries[name].min_fidelity, name, entries[name].bits)
+        if self.teacher_report:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "teachers.json").write_text(json.dumps(self.teacher_report, indent=1))
 
     def _setup_optimizer(self) -> None:
         o = self.recipe.optim

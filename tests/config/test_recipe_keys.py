@@ -39,7 +39,8 @@ OUT_OF_RANGE = {
     "probe.probes": ["knn"], "probe.labelled": "cifar", "probe.train_per_class": 1, "probe.test_per_class": 1,
     "probe.edge_images": 1, "probe.fidelity_images": 1, "probe.image_size": -1,
     "teachers[0].family": "resnet", "teachers[0].weights": "/no/such/file.pt", "teachers[0].input_size": -1,
-    "teachers[0].layer": "first", "teachers[0].weight": -1.0, "teachers[0].base": False, "teachers[0].name": "a.b",
+    "teachers[0].layer": "first", "teachers[0].bits": 3, "teachers[0].min_fidelity": 1.5,
+    "teachers[0].offload": True, "teachers[0].weight": -1.0, "teachers[0].base": False, "teachers[0].name": "a.b",
     "name": "", "output_dir": "", "teachers_from": "disk",
     "cache.dtype": "int4", "cache.epochs": 0, "cache.shard_images": 0,
 }
