@@ -223,9 +223,10 @@ class Trainer:
         for name, teacher in self.teachers.items():
             t = entries[name]
             if t.bits < 16:
-                images = self._fidelity_images()
+                move_to(teacher, self.device)  # the full-precision reference, where the images are
                 with torch.no_grad():
-                    self.fidelity_reference[name] = teacher(images)
+                    self.fidelity_reference[name] = teacher(self._fidelity_images())
+                move_to(teacher, "cpu")  # bitsandbytes quantizes while moving to the device
                 quant = quantize_teacher(teacher, t.bits, device=self.device)
                 self.teacher_report[name] = {"quantization": quant.summary()}
                 tqdm.write(f"teacher {name}: {quant.summary()}")
