@@ -28,8 +28,6 @@ import json
 import platform
 import re
 import statistics
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.kernels import fused_linear_distill, triton_usable
+from lowres_kd.provenance import git_sha  # noqa: E402
 from lowres_kd.losses import fused_linear_distill_reference  # the one reference: no second one here
 
 GPU_SHAPES = [(n, k, c) for n, k, c in itertools.product((4096, 16384, 65536), (768, 1024), (768, 1024, 1280))]
@@ -74,16 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ environment
 def _git_sha() -> str:
-    if os.environ.get("LOWRES_KD_GIT_SHA"):  # set by gpu_check.sh where the checkout has no .git
-        return os.environ["LOWRES_KD_GIT_SHA"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return git_sha(REPO)
 
 
 def _env(device: torch.device) -> Dict[str, Optional[str]]:

@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +52,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.config import TeacherConfig  # noqa: E402
+from lowres_kd.provenance import git_sha  # noqa: E402
 from lowres_kd.lowmem import enable_offload, quantize_teacher, teacher_fidelity, tensor_bytes  # noqa: E402
 from lowres_kd.teachers import TEACHERS, Features, build_teacher  # noqa: E402
 
@@ -87,16 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ environment
 def _git_sha() -> str:
-    if os.environ.get("LOWRES_KD_GIT_SHA"):
-        return os.environ["LOWRES_KD_GIT_SHA"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return git_sha(REPO)
 
 
 def _version(module: str) -> Optional[str]:

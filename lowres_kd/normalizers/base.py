@@ -32,7 +32,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Mapping, Tuple
 
 import torch
 from torch import nn

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from ..config import TeacherConfig
-from ..model import Student
 from ..teachers import Teacher, build_teacher
 from .base import PROBES, ProbeContext, Subject, adapted_subject
 from .report import write_report

@@ -6,7 +6,6 @@ channels): a stride-32 map of a small image is too coarse for edges (DESIGN §2.
 """
 from __future__ import annotations
 
-import torch
 import torchvision
 from torch.utils.checkpoint import checkpoint
 

@@ -104,7 +104,7 @@ def test_misspelt_key_is_refused_with_a_suggestion(tmp_path, section, key):
         recipe_from_dict(data)
     message = str(info.value)
     assert f"{label(section, misspelt)}: unknown key (did you mean " in message, message
-    assert f"allowed: " in message and key in message.split("allowed: ")[1], message
+    assert "allowed: " in message and key in message.split("allowed: ")[1], message
 
 
 @pytest.mark.parametrize("section,key", all_keys(), ids=[label(*k) for k in all_keys()])
