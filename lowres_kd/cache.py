@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .config import Recipe
+from .config import Recipe, dict_differences
 from .teachers import Features
+from .training.lock import RunLock
 
 MANIFEST = "manifest.json"
 NORMALIZERS = "normalizers.safetensors"
@@ -67,7 +69,7 @@ def expected_manifest(recipe: Recipe, image_names: List[str], specs: Dict[str, d
     teachers = {}
     for t in recipe.teachers:
         teachers[t.name] = {"family": t.family, "model": t.model, "weights": t.weights, "input_size": t.input_size,
-                            "layer": t.layer, "fingerprint": _fingerprint(t.weights),
+                            "layer": t.layer, "bits": t.bits, "fingerprint": _fingerprint(t.weights),
                             "spec": specs[t.name]}
     return {
         "format": FORMAT_VERSION,
@@ -81,22 +83,6 @@ def expected_manifest(recipe: Recipe, image_names: List[str], specs: Dict[str, d
         "dtype": recipe.cache.dtype,
         "shard_images": recipe.cache.shard_images,
     }
-
-
-def _differences(found, expected, prefix="") -> List[str]:
-    out = []
-    if isinstance(found, dict) and isinstance(expected, dict):
-        for key in sorted(set(found) | set(expected)):
-            where = f"{prefix}.{key}" if prefix else key
-            if key not in found:
-                out.append(f"{where}: missing in the cache (recipe: {expected[key]!r})")
-            elif key not in expected:
-                out.append(f"{where}: in the cache but not in the recipe ({found[key]!r})")
-            else:
-                out += _differences(found[key], expected[key], where)
-    elif found != expected:
-        out.append(f"{prefix}: cache has {found!r}, recipe has {expected!r}")
-    return out
 
 
 def _inside(root: Path, relative: str) -> Path:
@@ -116,6 +102,13 @@ def _save_atomic(tensors: Dict[str, torch.Tensor], path: Path) -> None:
 
 def build_cache(recipe: Recipe, progress: bool = True) -> dict:
     """Run the teachers over ``cache.epochs`` views of every image; returns the cache report."""
+    from .training.trainer import Trainer
+
+    with RunLock(recipe.run_dir):  # no trainer may read the cache of this run while it is rewritten
+        return _build_cache(recipe, progress)
+
+
+def _build_cache(recipe: Recipe, progress: bool) -> dict:
     from .training.trainer import Trainer
 
     trainer = Trainer(recipe, progress=progress).prepare_targets()
@@ -197,14 +190,14 @@ class TargetCache:
         self.manifest = json.loads(path.read_text())
         if expected is not None:
             found = {k: self.manifest.get(k) for k in expected}
-            diffs = _differences(found, expected)
+            diffs = dict_differences(found, expected)
             if diffs:
                 raise StaleCacheError(f"the teacher cache at {self.root} does not match the recipe; rebuild it with "
                                       f"`lowres-kd cache RECIPE` (differences: " + "; ".join(diffs) + ")")
         self.files = {rel: _inside(self.root, rel) for rel in self.manifest["files"]}
         self.epochs = self.manifest["augmentation"]["epochs"]
         self.shard = self.manifest["shard_images"]
-        self._open: Dict[str, tuple] = {}  # teacher -> (relative path, tensors): one shard held per teacher
+        self._open: Dict[str, object] = {}  # shard path -> safe_open handle: rows are read one by one
 
     def specs(self) -> Dict[str, dict]:
         return {name: t["spec"] for name, t in self.manifest["teachers"].items()}
@@ -219,13 +212,18 @@ class TargetCache:
                 out.setdefault(name, {})[buf] = value
         return out
 
-    def _shard(self, name: str, epoch: int, shard: int) -> Dict[str, torch.Tensor]:
+    def _shard(self, name: str, epoch: int, shard: int):
         rel = f"{name}/e{epoch:03d}_s{shard:05d}.safetensors"
         if rel not in self.files:
             raise StaleCacheError(f"{self.root}: the manifest lists no shard {rel}")
-        if self._open.get(name, (None,))[0] != rel:
-            self._open[name] = (rel, load_file(str(self.files[rel])))
-        return self._open[name][1]
+        if rel not in self._open:  # memory-mapped: opening is cheap, a row read touches one row
+            self._open[rel] = safe_open(str(self.files[rel]), framework="pt")
+        return self._open[rel]
+
+    @staticmethod
+    def _row(shard, kind: str, r: int) -> torch.Tensor:
+        parts = {key.split(".", 1)[1]: shard.get_slice(key)[r:r + 1][0] for key in shard.keys() if key.startswith(kind + ".")}
+        return decode(parts)
 
     def targets(self, epoch: int, indices: torch.Tensor, device: torch.device) -> Dict[str, Features]:
         """Targets of images ``indices`` as cropped in training epoch ``epoch`` (view epoch mod E)."""
@@ -234,11 +232,11 @@ class TargetCache:
         for name in self.manifest["teachers"]:
             g_rows, d_rows = [], []
             for i in indices.tolist():
-                t = self._shard(name, view, i // self.shard)
+                shard = self._shard(name, view, i // self.shard)
                 r = i % self.shard
-                if not bool(t["valid"][r]):
+                if not bool(shard.get_slice("valid")[r:r + 1][0]):
                     raise StaleCacheError(f"{self.root}: image {i} was unreadable when the cache was built")
-                g_rows.append(decode({k.split(".", 1)[1]: v[r] for k, v in t.items() if k.startswith("global.")}))
-                d_rows.append(decode({k.split(".", 1)[1]: v[r] for k, v in t.items() if k.startswith("dense.")}))
+                g_rows.append(self._row(shard, "global", r))
+                d_rows.append(self._row(shard, "dense", r))
             out[name] = Features(torch.stack(g_rows).to(device), torch.stack(d_rows).permute(0, 3, 1, 2).to(device))
         return out

@@ -101,7 +101,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     log_every: int = 1
     checkpoint_every: int = 50
-    keep_last: int = 2  # step checkpoints kept besides the final one
+    keep_last: int = 2  # newest step checkpoints kept (the final step's included; model/ is apart)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
 
 
@@ -149,6 +149,9 @@ class Recipe:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+RESERVED_NAMES = ("step", "lr", "loss", "dropped", "grad_norm", "images_per_s", "peak_mem_gib", "bad_images",
+                  "skipped_steps")  # log.csv columns: a teacher's terms must not overwrite them
 
 CHOICES = {
     "student.mode": ("adapter", "full", "scratch"),
@@ -262,9 +265,13 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
         need(t.family in choices["teacher.family"], f"{k}.family", f"one of {', '.join(choices['teacher.family'])}", t.family)
         need(names.count(t.name) == 1, f"{k}.name", "names must be unique", t.name)
         need(t.name.isidentifier(), f"{k}.name", "letters, digits and _ (a Python identifier)", t.name)
+        need(t.name not in RESERVED_NAMES, f"{k}.name", f"a name other than the log columns {', '.join(RESERVED_NAMES)}", t.name)
         need(t.input_size >= 0, f"{k}.input_size", "0 (family default) or a positive size", t.input_size)
         need(t.weight is None or t.weight >= 0, f"{k}.weight", "a weight >= 0 or null (1/T)", t.weight)
-        need(t.layer == "last" or isinstance(t.layer, int), f"{k}.layer", "'last' or a block index", t.layer)
+        need(t.layer == "last" or isinstance(t.layer, int) and t.layer >= 0, f"{k}.layer", "'last' or a block index >= 0",
+             t.layer)
+        need(not (t.family == "timm" and t.weights == "shipped"), f"{k}.weights",
+             "hub, none or a file for the timm family (no weights ship with it)", t.weights)
         need(t.bits in (16, 8, 4), f"{k}.bits", "16, 8 or 4", t.bits)
         need(0 <= t.min_fidelity <= 1, f"{k}.min_fidelity", "a cosine in [0, 1]", t.min_fidelity)
         if t.base and r.student.mode == "adapter":
@@ -311,9 +318,27 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
     need(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
     p = r.probe
     need(p.labelled in ("fashion_mnist", "digits"), "probe.labelled", "fashion_mnist | digits", p.labelled)
-    for key in ("train_per_class", "test_per_class", "edge_images", "fidelity_images"):
+    for key in ("train_per_class", "test_per_class", "fidelity_images"):
         need(getattr(p, key) >= 2, f"probe.{key}", "an integer >= 2", getattr(p, key))
+    need(p.edge_images >= 4, "probe.edge_images", "an integer >= 4 (half fit, half scored, 2-fold CV)", p.edge_images)
     need(p.image_size >= 0, "probe.image_size", "0 (data.image_size) or a size", p.image_size)
+
+
+def dict_differences(found, expected, prefix: str = "", names=("cache", "recipe")) -> List[str]:
+    """Every leaf where two nested dicts differ, as 'a.b: <found> has X, <expected> has Y' lines."""
+    out = []
+    if isinstance(found, dict) and isinstance(expected, dict):
+        for key in sorted(set(found) | set(expected)):
+            where = f"{prefix}.{key}" if prefix else key
+            if key not in found:
+                out.append(f"{where}: missing in the {names[0]} ({names[1]}: {expected[key]!r})")
+            elif key not in expected:
+                out.append(f"{where}: in the {names[0]} but not in the {names[1]} ({found[key]!r})")
+            else:
+                out += dict_differences(found[key], expected[key], where, names)
+    elif found != expected:
+        out.append(f"{prefix}: {names[0]} has {found!r}, {names[1]} has {expected!r}")
+    return out
 
 
 def _parse_value(text: str):
@@ -328,15 +353,18 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
         key, text = item.split("=", 1)
         parts = key.split(".")
         node = data
-        for i, part in enumerate(parts[:-1]):
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise RecipeError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = _parse_value(text)
-        else:
-            node[last] = _parse_value(text)
+        try:
+            for i, part in enumerate(parts[:-1]):
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+            last = parts[-1]
+            if isinstance(node, list):
+                node[int(last)] = _parse_value(text)
+            else:
+                node[last] = _parse_value(text)
+        except (IndexError, ValueError) as exc:
+            raise RecipeError(f"--set {key}: no such list item ({exc}); lists are indexed from 0") from None
     return data
 
 

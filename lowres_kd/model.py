@@ -8,7 +8,7 @@ student's features back into every teacher's raw space.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 from torch import nn
@@ -79,11 +79,6 @@ class InheritedModel(nn.Module):
         self.heads = nn.ModuleDict({n: TeacherHeads(dims, (s.global_dim, s.dense_dim), s.grid, head_hidden) for n, s in specs.items()})
         self.norm_global = nn.ModuleDict({n: build_normalizer(normalizer, s.global_dim) for n, s in specs.items()})
         self.norm_dense = nn.ModuleDict({n: build_normalizer(normalizer, s.dense_dim) for n, s in specs.items()})
-
-    @property
-    def student_dims(self) -> Tuple[int, int]:
-        head = next(iter(self.heads.values()))
-        return head.global_.trunk[0].normalized_shape[0], head.dense.trunk[0].normalized_shape[0]
 
     def normalise(self, name: str, feats: Features) -> Features:
         return Features(self.norm_global[name](feats.global_), self.norm_dense[name](feats.dense))

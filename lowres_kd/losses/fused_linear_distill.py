@@ -41,6 +41,12 @@ def fused_linear_distill_reference(
     if target.shape != (hidden.shape[0], weight.shape[0]):
         raise ValueError(f"target must be (N, C) = {(hidden.shape[0], weight.shape[0])}, got {tuple(target.shape)}")
     compute = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):  # "float32 at least", also under autocast
+        return _reduce(hidden, weight, bias, target, row_weight, alpha, beta, distance, reduction, compute)
+
+
+def _reduce(hidden, weight, bias, target, row_weight, alpha, beta, distance, reduction, compute):
+    """The reference itself, in dtype ``compute``, autocast off."""
     pred = hidden.to(compute) @ weight.to(compute).T
     if bias is not None:
         pred = pred + bias.to(compute)

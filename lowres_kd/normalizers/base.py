@@ -117,7 +117,8 @@ class Normalizer(nn.Module):
         """Normalise: ``(x - mean) @ txᵀ``."""
         rows, back = self._as_rows(x, "forward")
         dt = self._compute_dtype(x)
-        out = (rows.to(dt) - self.mean.to(dt)) @ self.tx.to(dt).T
+        with torch.autocast(x.device.type, enabled=False):  # fitted in fp32: applied in fp32
+            out = (rows.to(dt) - self.mean.to(dt)) @ self.tx.to(dt).T
         return back(out.to(x.dtype))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -128,7 +129,8 @@ class Normalizer(nn.Module):
         if dt == torch.float64:
             out = torch.linalg.solve(self.tx.to(dt).T, rows, left=False)
         else:
-            out = rows @ self.inv_tx.to(dt).T
+            with torch.autocast(y.device.type, enabled=False):
+                out = rows @ self.inv_tx.to(dt).T
         return back((out + self.mean.to(dt)).to(y.dtype))
 
     # ---------------------------------------------------------------- calibration

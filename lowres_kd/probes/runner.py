@@ -26,7 +26,7 @@ def _tapped(backbone: Teacher, input_size: int) -> Subject:
     return lambda x: backbone.student_features(backbone.preprocess(x, input_size))
 
 
-def build_subjects(model, teachers: Dict[str, Teacher], recipe) -> Dict[str, Subject]:
+def build_subjects(model, teachers: Dict[str, Teacher], recipe, device: torch.device) -> Dict[str, Subject]:
     base = recipe.base_teacher
     size = model.student.input_size
     subjects: Dict[str, Subject] = {"student": model.student}
@@ -34,10 +34,10 @@ def build_subjects(model, teachers: Dict[str, Teacher], recipe) -> Dict[str, Sub
         subjects[f"student->{name}"] = adapted_subject(model, name)
     for name, teacher in teachers.items():
         subjects[f"teacher:{name}"] = teacher
-    init = teachers[base.name] if recipe.student.mode != "scratch" else build_teacher(base).freeze()
+    init = teachers[base.name] if recipe.student.mode != "scratch" else build_teacher(base).freeze().to(device)
     subjects["student@init"] = _tapped(init, size)
     torch.manual_seed(recipe.train.seed)
-    scratch = build_teacher(TeacherConfig(**{**base.__dict__, "weights": "none"})).freeze()
+    scratch = build_teacher(TeacherConfig(**{**base.__dict__, "weights": "none"})).freeze().to(device)
     subjects["scratch"] = _tapped(scratch, size)
     return subjects
 
@@ -51,11 +51,8 @@ def run_probes(run_dir: str | Path, probes: Optional[List[str]] = None, device: 
     model = load(run_dir, dev)
     recipe = _recipe_of(run_dir)
     teachers = {t.name: build_teacher(t).freeze().to(dev) for t in recipe.teachers}
-    subjects = build_subjects(model, teachers, recipe)
-    for s in subjects.values():
-        if isinstance(s, torch.nn.Module):
-            s.to(dev)
-    ctx = ProbeContext(recipe=recipe, model=model, teachers=teachers, subjects={k: v for k, v in subjects.items()},
+    subjects = build_subjects(model, teachers, recipe, dev)
+    ctx = ProbeContext(recipe=recipe, model=model, teachers=teachers, subjects=subjects,
                        image_size=recipe.probe.image_size or recipe.data.image_size, device=dev)
     rows = []
     for name in tqdm(probes or recipe.probe.probes, desc="probes", disable=not progress):

@@ -26,6 +26,15 @@ def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk: a rename must not outlive its contents."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_dir(target: Path, tensors: Dict[str, Dict[str, torch.Tensor]], meta: dict) -> Path:
     """Write ``{file: tensors}`` as safetensors plus ``state.json`` into ``target`` atomically."""
     target = Path(target)
@@ -34,7 +43,10 @@ def write_dir(target: Path, tensors: Dict[str, Dict[str, torch.Tensor]], meta: d
     try:
         for name, group in tensors.items():
             save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
+            _fsync(tmp / f"{name}.safetensors")
         (tmp / COMPLETE).write_text(json.dumps(meta, indent=1))
+        _fsync(tmp / COMPLETE)
+        _fsync(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -43,6 +55,7 @@ def write_dir(target: Path, tensors: Dict[str, Dict[str, torch.Tensor]], meta: d
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        _fsync(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,10 +1,12 @@
-"""One run directory, one trainer: a lock file holding the owner's pid and host.
+"""One run directory, one trainer: an exclusive ``flock`` on ``<run>/.lock``, held for the run.
 
-A second trainer on a directory in use is refused with the owner's pid; a lock left by a process
-that no longer runs (a crash, SIGKILL) is taken over, so ``--resume`` after a kill just works.
+The kernel releases the lock when its process dies (a crash, SIGKILL), so a lock left behind is
+taken over by the next trainer without any pid guessing; the file also records the owner's pid
+and host, for the message a second trainer gets.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -17,61 +19,55 @@ class RunDirectoryInUse(RuntimeError):
     pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_NAME
-        self.held = False
-        self.took_over = None  # the stale owner's record, when one was replaced
+        self._file = None
+        self.took_over = None  # the record of a previous owner that died holding the directory
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and owner.get("pid") != os.getpid() and owner.get("host") == socket.gethostname() \
-                        and _alive(int(owner["pid"])):
-                    raise RunDirectoryInUse(
-                        f"{self.path.parent} is in use by pid {owner['pid']} on {owner['host']} "
-                        f"(lock file {self.path}); wait for it, or use another output_dir") from None
-                if owner and owner.get("host") not in (None, socket.gethostname()):
-                    raise RunDirectoryInUse(
-                        f"{self.path.parent} is locked by pid {owner.get('pid')} on another host "
-                        f"{owner.get('host')!r}; remove {self.path} if that run is gone") from None
-                self.took_over = owner
-                self.path.unlink(missing_ok=True)  # stale: its process is dead
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(record)
-            self.held = True
-            return self
-        raise RunDirectoryInUse(f"could not take the lock {self.path}")
-
-    def _owner(self):
+        f = open(self.path, "a+")
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # unreadable or half-written by a killed process: stale
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = _parse(f.read())
+            f.close()
+            raise RunDirectoryInUse(
+                f"{self.path.parent} is in use by pid {owner.get('pid', '?')} on {owner.get('host', '?')} "
+                f"(lock file {self.path}); wait for it, or use another output_dir") from None
+        f.seek(0)
+        previous = _parse(f.read())
+        self.took_over = previous if previous.get("pid") else None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        f.flush()
+        self._file = f
+        return self
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()  # an empty record: released cleanly, nothing to take over
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _parse(text: str) -> dict:
+    try:
+        return json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Recipe, TeacherConfig
+from ..config import Recipe, TeacherConfig, dict_differences
 from ..data import (BadImageReport, EvalTransform, Indexed, ResumableSampler, TrainImages, TrainTransform, build_source,
                     collate_images, collate_indexed, make_train_loader, start_epoch)
 from ..heads import dense_rows
@@ -46,6 +46,16 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingOutOfMemory(RuntimeError):
     pass
+
+
+class ResumeMismatch(ValueError):
+    pass
+
+
+# what may change between a run and its resume: bookkeeping, memory settings, the run's length
+RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
+                     "train.max_bad_steps", "train.device", "train.batch_size", "train.grad_accum",
+                     "student.grad_checkpointing", "data.num_workers", "probe")
 
 
 def out_of_memory_advice(recipe: Recipe, device: torch.device) -> str:
@@ -222,23 +232,21 @@ class Trainer:
         self.teacher_report = {}
         for name, teacher in self.teachers.items():
             t = entries[name]
-            if t.bits < 16:
-                move_to(teacher, self.device)  # the full-precision reference, where the images are
+            if t.bits < 16:  # full-precision reference on the CPU: the teacher may not fit the device
                 with torch.no_grad():
-                    self.fidelity_reference[name] = teacher(self._fidelity_images())
-                move_to(teacher, "cpu")  # bitsandbytes quantizes while moving to the device
-                quant = quantize_teacher(teacher, t.bits, device=self.device)
+                    self.fidelity_reference[name] = teacher(self._fidelity_images("cpu"))
+                quant = quantize_teacher(teacher, t.bits, device="cpu" if t.offload else self.device)
                 self.teacher_report[name] = {"quantization": quant.summary()}
                 tqdm.write(f"teacher {name}: {quant.summary()}")
+            if t.offload:  # blocks stay in CPU memory; the rest moves to the device
+                enable_offload(teacher, self.device)
             else:
                 move_to(teacher, self.device)
-            if t.offload:
-                enable_offload(teacher, self.device)
 
-    def _fidelity_images(self) -> torch.Tensor:
+    def _fidelity_images(self, device=None) -> torch.Tensor:
         n = min(8, len(self.calibration))
         images, _ = collate_images([self.calibration[i] for i in range(n)])
-        return images.to(self.device)
+        return images.to(device or self.device)
 
     def _check_fidelity(self) -> None:
         """Quantized teachers vs their full-precision features (normalised space): stop below
@@ -305,7 +313,9 @@ class Trainer:
         """Normalised targets: from the cache (teachers_from: cache) or the teachers, live."""
         if self.cache is not None:
             return self.cache.targets(self.epoch, indices, self.device)
-        return {n: self.model.normalise(n, f) for n, f in self.teacher_features(images).items()}
+        feats = self.teacher_features(images)  # fp32, as in calibration
+        with torch.autocast(self.device.type, enabled=False):  # normalised in fp32, as fitted
+            return {n: self.model.normalise(n, f) for n, f in feats.items()}
 
     def _loss_step(self, images: torch.Tensor, indices: Optional[torch.Tensor] = None):
         """Total loss and its per-teacher terms for one micro-batch (DESIGN §2.3)."""
@@ -407,20 +417,17 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum
                 n_images += len(images)
             if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.bad_steps += 1
-                self.skipped_steps += 1
-                tqdm.write(f"step {self.step}: non-finite loss, step skipped ({self.bad_steps} in a row)")
-                log.write({"step": self.step + 1, "lr": lr, "loss": float("nan"), "skipped_steps": self.skipped_steps})
-                if self.bad_steps >= t.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{self.bad_steps} non-finite losses in a row (train.max_bad_steps={t.max_bad_steps}); "
-                        f"the last checkpoint is intact: {ckpt.latest_checkpoint(self.run_dir)}")
-                self.step += 1
+                self._skip_step(log, lr, "non-finite loss")
+                continue
+            # a finite loss can still give inf/NaN gradients (bf16 overflow in backward): check the norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, r.optim.grad_clip or float("inf"))
+            if not torch.isfinite(grad_norm):
+                finite = False
+            if not finite:
+                self._skip_step(log, lr, "non-finite gradients")
                 continue
             self.bad_steps = 0
-            if r.optim.grad_clip > 0:
-                sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, r.optim.grad_clip)
+            sums["grad_norm"] = grad_norm
             self.optimizer.step()
             self.step += 1
             elapsed = time.perf_counter() - started
@@ -438,12 +445,27 @@ class Trainer:
         self.export()
         return last
 
+    def _skip_step(self, log: "CsvLog", lr: float, why: str) -> None:
+        """No optimizer update; counted, logged as a NaN row; too many in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        tqdm.write(f"step {self.step}: {why}, step skipped ({self.bad_steps} in a row)")
+        log.write({"step": self.step + 1, "lr": lr, "loss": float("nan"), "skipped_steps": self.skipped_steps})
+        max_bad = self.recipe.train.max_bad_steps
+        if self.bad_steps >= max_bad:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps={max_bad}); "
+                f"the last checkpoint is intact: {ckpt.latest_checkpoint(self.run_dir)}")
+        self.step += 1
+
     # ------------------------------------------------------------------ state
     def _open_log(self) -> "CsvLog":
         return CsvLog(self.run_dir / "log.csv", keep_until=self.step)
 
     def _meta(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done, "bad_steps": self.bad_steps,
+        return {"step": self.step, "epoch": self.epoch, "images_done": self.batches_done * self.recipe.train.batch_size,
+                "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps,
                 "bad_images": self.bad_images.state_dict(), "recipe": self.recipe.to_dict(),
                 "specs": {n: s.__dict__ for n, s in self.model.specs.items()}}
@@ -466,14 +488,30 @@ class Trainer:
         """The final model alone (no optimizer): what ``lowres_kd.load(run_dir)`` reads."""
         return ckpt.write_dir(self.run_dir / "model", {"model": self.model.state_dict()}, self._meta())
 
+    def _check_resumable(self, meta: dict, path: Path) -> None:
+        """Refuse a resume whose recipe changes the objective or the data, naming the keys."""
+        diffs = dict_differences(meta["recipe"], self.recipe.to_dict(), names=("checkpoint", "recipe"))
+        blocking = [d for d in diffs if not d.split(":")[0].startswith(RESUMABLE_CHANGES)]
+        if blocking:
+            raise ResumeMismatch(f"cannot resume {path} with this recipe: " + "; ".join(blocking)
+                                 + f". Only these may change: {', '.join(RESUMABLE_CHANGES)}")
+        images_done, bs = meta["images_done"], self.recipe.train.batch_size
+        if images_done % bs:
+            raise ResumeMismatch(f"cannot resume {path}: {images_done} images of epoch {meta['epoch']} are done, not a "
+                                 f"multiple of train.batch_size={bs}; pick a batch size that divides it")
+        if diffs:
+            tqdm.write("resuming with changed settings: " + "; ".join(diffs))
+
     def _load_checkpoint(self, path: Path) -> None:
         tensors, meta = ckpt.read_dir(path, ["model", "optimizer", "rng"])
+        self._check_resumable(meta, path)
         self.model.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors["optimizer"], meta["optimizer"]))
         torch.set_rng_state(tensors["rng"]["cpu"])
         if "cuda" in tensors["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng"]["cuda"], self.device)
-        self.step, self.epoch, self.batches_done = meta["step"], meta["epoch"], meta["batches_done"]
+        self.step, self.epoch = meta["step"], meta["epoch"]
+        self.batches_done = meta["images_done"] // self.recipe.train.batch_size
         self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
         self.bad_images.load_state_dict(meta["bad_images"])
         tqdm.write(f"resumed from {path} at step {self.step}")

@@ -74,6 +74,10 @@ def test_overrides_and_defaults(tmp_path):
         load_recipe(path, ["train.steps=-3"])
     with pytest.raises(RecipeError, match="expected key=value"):
         load_recipe(path, ["train.steps"])
+    with pytest.raises(RecipeError, match="--set teachers.9.weight: no such list item"):
+        load_recipe(path, ["teachers.9.weight=1"])
+    with pytest.raises(RecipeError, match="teachers\\[0\\].name: 'loss' is not allowed; a name other than the log columns"):
+        load_recipe(path, ["teachers.0.name=loss"])
 
 
 def test_yaml_python_tags_are_refused(tmp_path):

@@ -53,7 +53,7 @@ def test_sigkill_mid_interval_then_resume_matches_an_uninterrupted_run(tmp_path)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert [p.name for p in ckpt.step_checkpoints(run_dir)] == ["step_0000003"]
-    assert (run_dir / LOCK_NAME).is_file()  # the killed run's stale lock
+    assert '"pid"' in (run_dir / LOCK_NAME).read_text()  # the killed run's record
 
     resumed = cli("train", str(path), "--resume")
     out, _ = resumed.communicate(timeout=300)
@@ -63,25 +63,26 @@ def test_sigkill_mid_interval_then_resume_matches_an_uninterrupted_run(tmp_path)
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
-    assert not (run_dir / LOCK_NAME).exists()
+    assert RunLock(run_dir).acquire().took_over is None  # released at the end
 
 
 def test_second_trainer_on_a_busy_run_directory_is_refused(tmp_path):
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run_dir = tmp_path / "run"
+    owner_code = ("import sys, time; from lowres_kd.training.lock import RunLock; "
+                  "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", owner_code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        (run_dir / LOCK_NAME).write_text(f'{{"pid": {owner.pid}, "host": "{os.uname().nodename}"}}')
+        assert owner.stdout.readline().strip() == "locked"
         recipe = recipe_from_dict(tiny_recipe_dict(run_dir))
         with pytest.raises(RunDirectoryInUse, match=f"in use by pid {owner.pid}"):
             Trainer(recipe, progress=False).setup()
     finally:
         owner.kill()
         owner.wait()
-    lock = RunLock(run_dir).acquire()  # its owner is dead now: taken over
+    lock = RunLock(run_dir).acquire()  # its owner died holding it: taken over
     assert lock.took_over["pid"] == owner.pid
     lock.release()
-    assert not (run_dir / LOCK_NAME).exists()
+    assert RunLock(run_dir).acquire().took_over is None  # released cleanly: nothing to take over
 
 
 def _write_folder(folder, n_good=9):
@@ -133,7 +134,7 @@ def test_out_of_memory_stops_with_advice_and_an_intact_checkpoint(tmp_path, monk
     message = str(info.value)
     assert "--set train.batch_size=2 --set train.grad_accum=2" in message
     assert "student.grad_checkpointing=true" in message and "step_0000001" in message
-    assert not (recipe.run_dir / LOCK_NAME).exists()
+    assert RunLock(recipe.run_dir).acquire().took_over is None  # released on the error
     lowres_kd.load(ckpt.latest_checkpoint(recipe.run_dir))  # intact
 
 

@@ -9,7 +9,7 @@ import lowres_kd
 from lowres_kd.cli import main
 from lowres_kd.data import collate_images
 from lowres_kd.training import checkpoint as ckpt
-from lowres_kd.training.trainer import NonFiniteLossError, Trainer, lr_at
+from lowres_kd.training.trainer import NonFiniteLossError, ResumeMismatch, Trainer, lr_at
 
 
 def read_log(run_dir):
@@ -55,6 +55,21 @@ def test_resume_continues_exactly(tiny_recipe, tmp_path):
     got = [float(r["loss"]) for r in read_log(broken.run_dir)]
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
     assert [int(r["step"]) for r in read_log(broken.run_dir)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_changed_objective_and_allows_memory_settings(tiny_recipe, tmp_path):
+    first = tiny_recipe(output_dir=str(tmp_path / "r"), train={"steps": 2, "batch_size": 4, "checkpoint_every": 1})
+    Trainer(first, progress=False).setup().train()
+    changed = tiny_recipe(output_dir=str(tmp_path / "r"), loss={"alpha": 0.9}, train={"steps": 3})
+    with pytest.raises(ResumeMismatch, match="loss.alpha: checkpoint has 0.5, recipe has 0.9"):
+        Trainer(changed, resume=True, progress=False).setup()
+    odd = tiny_recipe(output_dir=str(tmp_path / "r"), train={"steps": 3, "batch_size": 3})
+    with pytest.raises(ResumeMismatch, match="8 images of epoch 0 are done, not a multiple of train.batch_size=3"):
+        Trainer(odd, resume=True, progress=False).setup()
+    halved = tiny_recipe(output_dir=str(tmp_path / "r"), train={"steps": 3, "batch_size": 2, "grad_accum": 2})
+    trainer = Trainer(halved, resume=True, progress=False).setup()
+    assert trainer.step == 2 and trainer.batches_done == 4  # same images done, smaller micro-batches
+    trainer.train()
 
 
 def test_checkpoint_round_trip_and_rotation(tiny_recipe):
@@ -104,7 +119,7 @@ def test_non_finite_losses_skip_then_stop(tiny_recipe, monkeypatch):
 
     monkeypatch.setattr(trainer, "_loss_step", poisoned)
     params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         trainer.train()
     # one good step happened, then nothing moved
     assert trainer.bad_steps == 3
@@ -116,6 +131,18 @@ def test_non_finite_losses_skip_then_stop(tiny_recipe, monkeypatch):
     assert [r["skipped_steps"] for r in rows] == ["0", "1", "2", "3"] and rows[-1]["loss"] == "nan"
     assert ckpt.latest_checkpoint(recipe.run_dir).name == "step_0000001"
     lowres_kd.load(ckpt.latest_checkpoint(recipe.run_dir))
+
+
+def test_non_finite_gradients_with_a_finite_loss_are_skipped(tiny_recipe):
+    recipe = tiny_recipe(train={"steps": 3, "checkpoint_every": 100, "max_bad_steps": 2})
+    trainer = Trainer(recipe, progress=False).setup()
+    head = trainer.model.heads["effnet"].global_.out.weight
+    head.register_hook(lambda grad: grad * float("inf"))  # as a bf16 overflow in backward would
+    before = head.detach().clone()
+    with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row"):
+        trainer.train()
+    assert torch.equal(head.detach(), before)  # no optimizer update reached the weights
+    assert all(r["loss"] == "nan" for r in read_log(recipe.run_dir))
 
 
 def test_lr_schedule_warms_up_then_decays(tiny_recipe):
