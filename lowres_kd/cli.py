@@ -93,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "list":
             return _list(args.pattern)
-    except (RecipeError, FileNotFoundError, FileExistsError, StaleCacheError, ResumeMismatch) as exc:
+    except (RecipeError, FileNotFoundError, FileExistsError, StaleCacheError, ResumeMismatch, NotImplementedError) as exc:
         print(f"lowres-kd: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # the run stopped: non-finite losses, out of memory, a busy run directory
