@@ -65,3 +65,15 @@ def tiny_recipe(tmp_path):
         return recipe_from_dict(tiny_recipe_dict(tmp_path / "run", **sections))
 
     return make
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py (a script, not a package module) for its main()."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,20 +1,12 @@
 """benchmarks/bench_kernels.py runs end to end on CPU (reference path only) and writes its files."""
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+from conftest import load_benchmark
 
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels_under_test", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_bench_kernels_cpu_writes_json_md_png(tmp_path):
-    bench = _load_bench()
+    bench = load_benchmark("bench_kernels")
     shapes = ["32x16x24", "48x20x36"]
     result = bench.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", *shapes,
                          "--warmup", "1", "--repeats", "3"])
@@ -38,7 +30,7 @@ def test_bench_kernels_cpu_writes_json_md_png(tmp_path):
 
 
 def test_bench_kernels_ratios_from_rows():
-    bench = _load_bench()
+    bench = load_benchmark("bench_kernels")
     rows = [{"N": 1, "K": 2, "C": 3, "method": m, "median_ms": ms, "peak_extra_mib": mem, "error": None}
             for m, ms, mem in [("eager", 4.0, 100.0), ("compile", 2.0, 50.0), ("fused", 1.0, 10.0), ("matmul", 0.5, 5.0)]]
     (r,) = bench.ratios(rows)

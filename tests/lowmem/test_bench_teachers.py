@@ -1,24 +1,16 @@
 """benchmarks/bench_teachers.py runs end to end on CPU with a tiny configuration and writes its files."""
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_teachers.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_teachers_under_test", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_bench_teachers_cpu_writes_json_md_png(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRES_KD_GIT_SHA", "abc1234")
-    bench = _load_bench()
+    bench = load_benchmark("bench_teachers")
     result = bench.main(["--device", "cpu", "--out", str(tmp_path), "--teachers", "vit_tiny_patch16_224", "mobilenet_v2",
                          "--img", "32", "--batch", "1", "--fidelity-images", "2", "--warmup", "0", "--repeats", "1"])
     js, md, png = (tmp_path / f"teachers_cpu.{ext}" for ext in ("json", "md", "png"))
@@ -50,7 +42,7 @@ def test_bench_teachers_cpu_writes_json_md_png(tmp_path, monkeypatch):
 
 
 def test_bench_teachers_budget_skips_but_still_writes(tmp_path):
-    bench = _load_bench()
+    bench = load_benchmark("bench_teachers")
     result = bench.main(["--device", "cpu", "--out", str(tmp_path), "--teachers", "vit_tiny_patch16_224", "--img", "32",
                          "--batch", "1", "--bits", "16", "4", "--offload", "off", "--max-seconds", "0"])
     assert [r["error"] for r in result["rows"]] == ["skipped: --max-seconds spent"] * 2
