@@ -171,11 +171,8 @@ class Trainer:
     def _setup(self) -> "Trainer":
         self._build(from_cache=self.recipe.teachers_from == "cache")
         self._setup_optimizer()
-        latest = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
-        if self.resume and latest is None:
-            raise FileNotFoundError(f"--resume: no intact checkpoint under {self.run_dir / 'checkpoints'}")
-        if latest is not None:
-            self._load_checkpoint(latest)
+        if self.resume:
+            self._resume_from_newest_readable()
         else:
             if ckpt.latest_checkpoint(self.run_dir) is not None:
                 raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume to continue, or remove it")
@@ -487,6 +484,22 @@ class Trainer:
     def export(self) -> Path:
         """The final model alone (no optimizer): what ``lowres_kd.load(run_dir)`` reads."""
         return ckpt.write_dir(self.run_dir / "model", {"model": self.model.state_dict()}, self._meta())
+
+    def _resume_from_newest_readable(self) -> None:
+        """Newest intact checkpoint first; one whose files cannot be read (a power cut before the
+        disk caught up) is reported and the next older one is tried."""
+        found = ckpt.step_checkpoints(self.run_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no intact checkpoint under {self.run_dir / 'checkpoints'}")
+        for path in reversed(found):
+            try:
+                self._load_checkpoint(path)
+                return
+            except ValueError as exc:
+                if isinstance(exc, ResumeMismatch):
+                    raise
+                tqdm.write(f"skipping unreadable checkpoint {path}: {exc}")
+        raise FileNotFoundError(f"--resume: no readable checkpoint under {self.run_dir / 'checkpoints'}")
 
     def _check_resumable(self, meta: dict, path: Path) -> None:
         """Refuse a resume whose recipe changes the objective or the data, naming the keys."""

@@ -4,7 +4,6 @@ import json
 from conftest import load_benchmark
 
 
-
 def test_bench_kernels_cpu_writes_json_md_png(tmp_path):
     bench = load_benchmark("bench_kernels")
     shapes = ["32x16x24", "48x20x36"]

@@ -106,6 +106,24 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny_recipe, monke
     ckpt.read_dir(before, ["model"])  # still loadable
 
 
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tiny_recipe, tmp_path):
+    straight = tiny_recipe(output_dir=str(tmp_path / "straight"))
+    Trainer(straight, progress=False).setup().train()
+    expected = [float(r["loss"]) for r in read_log(straight.run_dir)]
+    recipe = tiny_recipe(output_dir=str(tmp_path / "r"), train={"steps": 4, "checkpoint_every": 1, "keep_last": 3})
+    trainer = Trainer(recipe, progress=False).setup()
+    trainer.recipe.train.steps = 3
+    trainer.train()
+    newest = ckpt.latest_checkpoint(recipe.run_dir)
+    (newest / "model.safetensors").write_bytes(b"truncated")  # as after a power cut
+    resumed = Trainer(tiny_recipe(output_dir=str(tmp_path / "r"), train={"steps": 4, "checkpoint_every": 1,
+                                                                         "keep_last": 3}), resume=True, progress=False)
+    resumed.setup()
+    assert resumed.step == 2
+    resumed.train()
+    assert [float(r["loss"]) for r in read_log(recipe.run_dir)] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
 def test_non_finite_losses_skip_then_stop(tiny_recipe, monkeypatch):
     recipe = tiny_recipe(train={"steps": 6, "checkpoint_every": 1, "max_bad_steps": 3})
     trainer = Trainer(recipe, progress=False).setup()
