@@ -274,6 +274,12 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
              "hub, none or a file for the timm family (no weights ship with it)", t.weights)
         need(t.bits in (16, 8, 4), f"{k}.bits", "16, 8 or 4", t.bits)
         need(0 <= t.min_fidelity <= 1, f"{k}.min_fidelity", "a cosine in [0, 1]", t.min_fidelity)
+        if t.base and t.family in choices["teacher.family"]:
+            from .teachers import TEACHERS, can_be_student
+
+            bases = [f for f in TEACHERS.list() if can_be_student(f)]
+            need(can_be_student(t.family), f"{k}.family", f"a family that can be the student's base: {', '.join(bases)}",
+                 t.family)
         if t.base and r.student.mode == "adapter":
             need(t.bits == 16, f"{k}.bits", "16 for the base teacher in adapter mode (it is the student's own "
                  "frozen backbone; quantizing it is not supported yet)", t.bits)

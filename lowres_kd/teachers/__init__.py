@@ -1,6 +1,6 @@
 """Teacher registry: one file per family, registered by decorator; ``build_teacher(cfg)``."""
 from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec
+from .base import TEACHERS, Features, Teacher, TeacherSpec, can_be_student
 from . import efficientnet_lite, hed, mobilenet_v2, timm_model  # noqa: F401  (registration)
 
 
@@ -9,4 +9,4 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     return TEACHERS.get(cfg.family)(cfg)
 
 
-__all__ = ["TEACHERS", "Features", "Teacher", "TeacherSpec", "build_teacher"]
+__all__ = ["TEACHERS", "Features", "Teacher", "TeacherSpec", "build_teacher", "can_be_student"]

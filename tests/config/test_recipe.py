@@ -55,7 +55,14 @@ def test_teacher_errors_and_all_problems_at_once(tmp_path):
     assert f"teachers[2].weights: file not found: {tmp_path / 'missing.pt'}" in message
     assert "exactly one teacher must have base: true" in message
     assert "train.batch_size" in message
-    assert "4 problem(s)" in message
+    assert "5 problem(s)" in message and "a family that can be the student's base" in message
+
+
+def test_base_must_be_a_family_that_can_be_the_student(tmp_path):
+    data = tiny_recipe_dict(tmp_path)
+    data["teachers"][0]["base"], data["teachers"][2]["base"] = False, True
+    assert "teachers[2].family: 'hed' is not allowed; a family that can be the student's base: mobilenet_v2, timm" \
+        in _errors(data)
 
 
 def test_missing_required_key(tmp_path):
