@@ -258,9 +258,9 @@ def bench_teacher(name: str, args, device: torch.device, env: Dict, deadline: Op
             row["unquantized_bytes"] = report.unquantized_bytes if report else row["weight_bytes"]
             row["offload_blocks"] = off.stats.n_blocks if off else None
 
-            def forward():
+            def forward(teacher=t, images=x):
                 with torch.no_grad():
-                    t(x)
+                    teacher(images)
 
             ms = _time(forward, device, args.warmup, args.repeats)
             row.update(_quantiles(ms))
@@ -272,7 +272,7 @@ def bench_teacher(name: str, args, device: torch.device, env: Dict, deadline: Op
             row["offload_max_resident_blocks"] = off.stats.max_resident if off else None
             fid = teacher_fidelity(ref, t, fid_images.to(dtype))
             row.update({k: fid.as_dict()[k] for k in ("cos_global", "cos_dense", "rel_err_global", "rel_err_dense", "cos_min")})
-            del t, off
+            del t, off, forward
         except Exception as exc:  # e.g. out of memory, bitsandbytes missing: record it, keep going
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         _free(device)
