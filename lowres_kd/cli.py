@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
+    p = sub.add_parser("export", help="write the trained backbone alone, LoRA merged, as safetensors",
+                       description="The student's network with the adapter merged into its weights, under the "
+                                   "family's own keys (timm / torchvision): usable without lowres-kd, or as a "
+                                   "teacher's weights in a later recipe.")
+    p.add_argument("run", help="run directory or checkpoint directory")
+    p.add_argument("out", help="output .safetensors file")
+
     p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
     _add_recipe_args(p)
 
@@ -85,6 +92,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"cache {recipe.cache_dir}: {report['images']} images x {report['views']} views, "
                   f"{report['bytes'] / 2**20:.1f} MiB ({report['ratio']:.3f} of fp32), storage error "
                   f"{report['relative_error']:.2e} relative, {report['max_abs_error']:.2e} max")
+            return 0
+        if args.command == "export":
+            from .export import export_backbone
+
+            print(f"wrote {export_backbone(args.run, args.out)}")
             return 0
         if args.command == "validate":
             import yaml

@@ -197,11 +197,32 @@ def test_load_contract(tiny_recipe):
         lowres_kd.load(recipe.run_dir / "nothing")
 
 
+def test_exported_backbone_is_the_adapted_student(tiny_recipe, tmp_path):
+    import torchvision
+    from safetensors.torch import load_file
+
+    recipe = tiny_recipe(train={"steps": 2, "checkpoint_every": 100}, optim={"lr": 0.05, "warmup_steps": 1})
+    Trainer(recipe, progress=False).setup().train()
+    out = tmp_path / "backbone.safetensors"
+    assert main(["export", str(recipe.run_dir), str(out)]) == 0
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(load_file(str(out)))  # plain torchvision keys, strict
+    model = lowres_kd.load(recipe.run_dir)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        x = model.student.body.preprocess(images, model.student.input_size)
+        ours = model.student(images).global_
+        theirs = net.eval().features(x).mean((2, 3))
+        base = model.student.base_features(images).global_
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, base, atol=1e-4)  # the merged adapter is in the weights
+
+
 def test_cli_help_and_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "train" in capsys.readouterr().out
-    for sub in ("train", "probe", "cache", "validate", "list"):
+    for sub in ("train", "probe", "cache", "export", "validate", "list"):
         with pytest.raises(SystemExit):
             main([sub, "--help"])
         assert "usage" in capsys.readouterr().out
