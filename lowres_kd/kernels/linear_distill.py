@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..losses.distance import COS_EPS, DISTANCES
-from ..losses.fused_linear_distill import REDUCTIONS
+from ..losses.fused_linear_distill import check_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
@@ -413,22 +413,13 @@ def fused_linear_distill_triton(
     ``chunk_rows`` (rows per chunk, default ``default_chunk_rows``) and ``block_c`` (C tile, a
     power of two) override the heuristics; tests use them to run several chunks and tiles.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_inputs(hidden, weight, bias, target, row_weight, reduction)
     DISTANCES.get(distance)  # unknown names raise with close matches
     if distance not in _KERNEL_DISTANCES:
         raise NotImplementedError(
             f"distance {distance!r} has no fused kernel (kernels: {sorted(_KERNEL_DISTANCES)}); use backend='torch'")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, K) and weight (C, K) must agree on K: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
-    if target.shape != (hidden.shape[0], weight.shape[0]):
-        raise ValueError(f"target must be (N, C) = {(hidden.shape[0], weight.shape[0])}, got {tuple(target.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be (C,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if row_weight is not None and row_weight.shape != (hidden.shape[0],):
-        raise ValueError(f"row_weight must be (N,) = ({hidden.shape[0]},), got {tuple(row_weight.shape)}")
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} dtype {t.dtype} is not supported by the Triton kernel ({SUPPORTED_DTYPES}); use backend='torch'")

@@ -16,6 +16,20 @@ from .distance import DISTANCES
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_inputs(hidden, weight, bias, target, row_weight, reduction: str) -> None:
+    """Shapes and reduction of the op, shared by the reference and the Triton kernel."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, K) and weight (C, K) must agree on K: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    if target.shape != (hidden.shape[0], weight.shape[0]):
+        raise ValueError(f"target must be (N, C) = {(hidden.shape[0], weight.shape[0])}, got {tuple(target.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (C,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if row_weight is not None and row_weight.shape != (hidden.shape[0],):
+        raise ValueError(f"row_weight must be (N,) = ({hidden.shape[0]},), got {tuple(row_weight.shape)}")
+
+
 def fused_linear_distill_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -34,12 +48,7 @@ def fused_linear_distill_reference(
     row weights (N without them); rows of weight 0 (masked) contribute nothing, and an all-masked
     batch gives 0. ``none`` returns the weighted per-row distances (N,).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, K) and weight (C, K) must agree on K: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
-    if target.shape != (hidden.shape[0], weight.shape[0]):
-        raise ValueError(f"target must be (N, C) = {(hidden.shape[0], weight.shape[0])}, got {tuple(target.shape)}")
+    check_inputs(hidden, weight, bias, target, row_weight, reduction)
     compute = torch.promote_types(hidden.dtype, torch.float32)
     with torch.autocast(hidden.device.type, enabled=False):  # "float32 at least", also under autocast
         return _reduce(hidden, weight, bias, target, row_weight, alpha, beta, distance, reduction, compute)
