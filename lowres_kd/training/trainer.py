@@ -129,6 +129,7 @@ class Trainer:
         self.skipped_steps = 0  # in the whole run
         self.epoch = 0
         self.batches_done = 0  # in the current epoch
+        self._fidelity_images = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -231,7 +232,7 @@ class Trainer:
             t = entries[name]
             if t.bits < 16:  # full-precision reference on the CPU: the teacher may not fit the device
                 with torch.no_grad():
-                    self.fidelity_reference[name] = teacher(self._fidelity_images("cpu"))
+                    self.fidelity_reference[name] = teacher(self.fidelity_images)
                 quant = quantize_teacher(teacher, t.bits, device="cpu" if t.offload else self.device)
                 self.teacher_report[name] = {"quantization": quant.summary()}
                 tqdm.write(f"teacher {name}: {quant.summary()}")
@@ -240,10 +241,13 @@ class Trainer:
             else:
                 move_to(teacher, self.device)
 
-    def _fidelity_images(self, device=None) -> torch.Tensor:
-        n = min(8, len(self.calibration))
-        images, _ = collate_images([self.calibration[i] for i in range(n)])
-        return images.to(device or self.device)
+    @property
+    def fidelity_images(self) -> torch.Tensor:
+        """The first calibration images (CPU), decoded once: fidelity before and after quantizing."""
+        if self._fidelity_images is None:
+            n = min(8, len(self.calibration))
+            self._fidelity_images, _ = collate_images([self.calibration[i] for i in range(n)])
+        return self._fidelity_images
 
     def _check_fidelity(self) -> None:
         """Quantized teachers vs their full-precision features (normalised space): stop below
@@ -253,8 +257,10 @@ class Trainer:
         entries = {t.name: t for t in self.recipe.teachers}
         for name, reference in self.fidelity_reference.items():
             norms = (self.model.norm_global[name], self.model.norm_dense[name])
-            report = teacher_fidelity(reference, self.teachers[name], self._fidelity_images(), normalisers=norms)
-            raw = teacher_fidelity(reference, self.teachers[name], self._fidelity_images())
+            with torch.no_grad():
+                candidate = self.teachers[name](self.fidelity_images.to(self.device))
+            report = teacher_fidelity(reference, candidate, normalisers=norms)
+            raw = teacher_fidelity(reference, candidate)
             self.teacher_report[name].update(fidelity_normalised=report.as_dict(), fidelity_raw=raw.as_dict())
             tqdm.write(f"teacher {name}: fidelity cos {report.cos_min:.4f} (normalised), {raw.cos_min:.4f} (raw); "
                        f"relative error {report.rel_err_dense:.3f} (dense, normalised)")
