@@ -134,12 +134,11 @@ def _build_cache(recipe: Recipe, progress: bool) -> dict:
             ok = [j for j, it in enumerate(items) if torch.is_tensor(it)]
             if not ok:
                 continue
-            valid[[b + j for j in ok]] = True
+            positions = [b + j for j in ok]
+            valid[positions] = True
             images = torch.stack([items[j] for j in ok]).to(trainer.device)
             with torch.no_grad():
-                for name, f in trainer.teacher_features(images).items():
-                    f = model.normalise(name, f)
-                    positions = [b + j for j in ok]
+                for name, f in trainer.live_targets(images).items():
                     rows[name]["global"].append((positions, f.global_.cpu()))
                     rows[name]["dense"].append((positions, f.dense.permute(0, 2, 3, 1).cpu()))  # rows = tokens
         for name in names:

@@ -316,6 +316,10 @@ class Trainer:
         """Normalised targets: from the cache (teachers_from: cache) or the teachers, live."""
         if self.cache is not None:
             return self.cache.targets(self.epoch, indices, self.device)
+        return self.live_targets(images)
+
+    def live_targets(self, images: torch.Tensor) -> Dict[str, Features]:
+        """Every teacher's features on ``images``, normalised: what the cache stores."""
         feats = self.teacher_features(images)  # fp32, as in calibration
         with torch.autocast(self.device.type, enabled=False):  # normalised in fp32, as fitted
             return {n: self.model.normalise(n, f) for n, f in feats.items()}
