@@ -42,7 +42,12 @@ class StudentConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     input_size: int = 0  # 0: the base teacher's input size
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more compute
+    # The backbone: "" takes the base teacher's. In full/scratch mode the student may be a smaller
+    # model of the same family (a ViT-B/14 student for a DINOv2-L base, DESIGN §2.4).
+    family: str = ""
+    model: str = ""
+    weights: str = ""  # shipped | hub | none | path; "": the base teacher's weights
 
 
 @dataclass
@@ -83,6 +88,7 @@ class CacheConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | adamw8bit (bitsandbytes: 8-bit moments, a quarter of AdamW's state)
     lr: float = 1e-3
     weight_decay: float = 0.05
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -106,6 +112,23 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Used when the engine is DeepSpeed (``engine: deepspeed``, or ``auto`` on CUDA)."""
+
+    zero_stage: int = 2  # 0 | 1 | 2 | 3: what is partitioned across ranks (optimizer, +grads, +params)
+    offload_optimizer: str = "none"  # none | cpu: optimizer state and update on the CPU (DeepSpeedCPUAdam)
+    offload_param: str = "none"  # none | cpu: parameters in CPU memory between uses (zero_stage 3 only)
+
+
+@dataclass
+class PlanConfig:
+    """The memory planner (``lowres-kd plan``; ``memory: auto`` applies its choice to training)."""
+
+    gpu_mem: str = ""  # budget per GPU, e.g. 12GiB; "": the device's total memory
+    reserve: float = 0.1  # fraction of the budget kept free for the allocator's fragmentation
+
+
+@dataclass
 class ProbeConfig:
     probes: List[str] = field(default_factory=lambda: ["linear", "edges", "fidelity"])
     labelled: str = "fashion_mnist"  # fashion_mnist | digits
@@ -122,6 +145,8 @@ class Recipe:
     teachers: List[TeacherConfig]
     output_dir: str = "runs/{name}"
     teachers_from: str = "live"  # live: run the teachers | cache: read `lowres-kd cache` targets, no teacher loaded
+    engine: str = "auto"  # auto (DeepSpeed on CUDA when installed, else torch) | deepspeed | torch
+    memory: str = "manual"  # manual: the recipe's settings | auto: the planner picks batch, bits, offload, checkpointing
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
@@ -129,6 +154,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     @property
@@ -159,6 +186,11 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "teachers_from": ("live", "cache"),
     "cache.dtype": ("fp16", "int8"),
+    "engine": ("auto", "deepspeed", "torch"),
+    "memory": ("manual", "auto"),
+    "optim.name": ("adamw", "adamw8bit"),
+    "deepspeed.offload_optimizer": ("none", "cpu"),
+    "deepspeed.offload_param": ("none", "cpu"),
 }
 
 
@@ -246,7 +278,8 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
 
     choices = {**CHOICES, **_registry_choices()}
     for key in ("student.mode", "loss.kernels", "train.device", "space.normalizer", "loss.distance", "cache.dtype",
-                "teachers_from"):
+                "teachers_from", "engine", "memory", "optim.name", "deepspeed.offload_optimizer",
+                "deepspeed.offload_param"):
         value = r
         for attr in key.split("."):
             value = getattr(value, attr)
@@ -295,6 +328,31 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
     need(s.lora_alpha > 0, "student.lora_alpha", "> 0", s.lora_alpha)
     need(0 <= s.lora_dropout < 1, "student.lora_dropout", "in [0, 1)", s.lora_dropout)
     need(s.input_size >= 0, "student.input_size", "0 (base input size) or a positive size", s.input_size)
+    if s.mode == "adapter":  # the adapter-disabled student *is* the base teacher
+        for key in ("family", "model", "weights"):
+            need(getattr(s, key) == "", f"student.{key}", "'' in adapter mode (the student is the base teacher "
+                 "itself; use mode full for a different backbone)", getattr(s, key))
+    if s.family:
+        from .teachers import TEACHERS, can_be_student
+
+        bases = [f for f in TEACHERS.list() if can_be_student(f)]
+        need(s.family in bases, "student.family", f"'' or a family that can be the student: {', '.join(bases)}", s.family)
+    if s.weights not in ("", "shipped", "hub", "none") and not Path(s.weights).is_file():
+        errors.append(f"student.weights: file not found: {s.weights} (or use '' | shipped | hub | none)")
+    ds = r.deepspeed
+    need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3", ds.zero_stage)
+    need(ds.offload_param == "none" or ds.zero_stage == 3, "deepspeed.offload_param",
+         "none unless deepspeed.zero_stage is 3 (only ZeRO-3 partitions parameters)", ds.offload_param)
+    need(ds.offload_optimizer == "none" or ds.zero_stage >= 1, "deepspeed.offload_optimizer",
+         "none at deepspeed.zero_stage 0 (offloading needs ZeRO 1-3)", ds.offload_optimizer)
+    need(0 <= r.plan.reserve < 1, "plan.reserve", "a fraction in [0, 1)", r.plan.reserve)
+    if r.plan.gpu_mem:
+        from .units import parse_bytes
+
+        try:
+            parse_bytes(r.plan.gpu_mem)
+        except ValueError as exc:
+            errors.append(f"plan.gpu_mem: {exc}")
     need(r.space.calibration_images >= 2, "space.calibration_images", "at least 2", r.space.calibration_images)
     need(r.space.head_hidden >= 1, "space.head_hidden", "an integer >= 1", r.space.head_hidden)
     lo = r.loss

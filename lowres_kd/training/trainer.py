@@ -94,6 +94,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
+def student_backbone_config(recipe: Recipe, with_weights: bool = True) -> TeacherConfig:
+    """The student backbone as a teacher entry: the base teacher's, with ``student.family``,
+    ``student.model`` and ``student.weights`` in their place where set."""
+    base, s = recipe.base_teacher, recipe.student
+    weights = (s.weights or base.weights) if with_weights else "none"
+    return TeacherConfig(**{**base.__dict__, "family": s.family or base.family, "model": s.model or base.model,
+                            "weights": weights, "bits": 16, "offload": False})
+
+
 def build_student_and_teachers(recipe: Recipe, load_weights: bool = True, with_teachers: bool = True):
     """The student and the frozen teachers a recipe asks for.
 
@@ -102,10 +111,8 @@ def build_student_and_teachers(recipe: Recipe, load_weights: bool = True, with_t
     built, from random weights, to receive a checkpoint; ``with_teachers=False`` builds no
     teacher (training from a cache).
     """
-    base = recipe.base_teacher
     mode = recipe.student.mode
-    base_weights = base.weights if load_weights and mode != "scratch" else "none"
-    backbone = build_teacher(TeacherConfig(**{**base.__dict__, "weights": base_weights}))
+    backbone = build_teacher(student_backbone_config(recipe, load_weights and mode != "scratch"))
     student = Student(backbone, recipe.student)
     teachers: Dict[str, Teacher] = {}
     if load_weights and with_teachers:
