@@ -6,7 +6,7 @@ gives its input. Heads rebuild from a state dict alone: sizes come from the weig
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,15 @@ class Head(nn.Module):
         self.trunk = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
         self.out = nn.Linear(hidden, out_dim)
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.out(self.trunk(rows))
+    def forward(self, rows: torch.Tensor, target: Optional[torch.Tensor] = None,
+                loss_fn: Optional[nn.Module] = None) -> torch.Tensor:
+        """The projection, or with ``target`` the distillation loss of ``out`` fused with
+        ``loss_fn`` (a ``FusedLinearDistill``): one module call either way, so that ZeRO-3 gathers
+        ``out``'s weights (registered as external parameters of this module) before use."""
+        hidden = self.trunk(rows)
+        if target is None:
+            return self.out(hidden)
+        return loss_fn(hidden, self.out, target)
 
     @staticmethod
     def sizes_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "") -> Tuple[int, int, int]:

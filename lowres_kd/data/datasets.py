@@ -145,6 +145,16 @@ class ResumableSampler(Sampler[int]):
         self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
         self.epoch = 0
         self.start = 0
+        self.rank, self.world_size, self.batch_size = 0, 1, 1
+
+    def shard(self, rank: int, world_size: int, batch_size: int) -> "ResumableSampler":
+        """Make this rank's sampler: of every global batch of ``world_size * batch_size`` items in
+        the epoch's order, rank r gets the r-th slice of ``batch_size``; an incomplete last global
+        batch is dropped. ``start_at`` then counts items of the whole run, not of this rank."""
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"shard({rank}, {world_size}, {batch_size}): need 0 <= rank < world_size, batch_size >= 1")
+        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) < 0:
@@ -165,11 +175,20 @@ class ResumableSampler(Sampler[int]):
         g.manual_seed(mix_seed(self.seed, self._SALT, e))
         return torch.randperm(self.n, generator=g).tolist()
 
+    def _mine(self) -> List[int]:
+        items = self.order()[self.start:]
+        if self.world_size == 1:
+            return items
+        step, bs = self.world_size * self.batch_size, self.batch_size
+        return [i for b in range(0, len(items) - step + 1, step) for i in items[b + self.rank * bs:b + (self.rank + 1) * bs]]
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start:])
+        return iter(self._mine())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        if self.world_size == 1:
+            return self.n - self.start
+        return (self.n - self.start) // (self.world_size * self.batch_size) * self.batch_size
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "n": self.n,
@@ -239,7 +258,7 @@ def start_epoch(loader: DataLoader, epoch: int, batches_done: int = 0) -> None:
     loader.dataset.set_epoch(epoch)
     loader.sampler.set_epoch(epoch)
     if batches_done:
-        loader.sampler.start_at(int(batches_done) * int(loader.batch_size))
+        loader.sampler.start_at(int(batches_done) * int(loader.batch_size) * loader.sampler.world_size)
 
 
 class BadImageReport:

@@ -35,15 +35,36 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_dir(target: Path, tensors: Dict[str, Dict[str, torch.Tensor]], meta: dict) -> Path:
-    """Write ``{file: tensors}`` as safetensors plus ``state.json`` into ``target`` atomically."""
+def write_tensors(file: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    save_file(_contiguous(tensors), str(file))
+    _fsync(file)
+
+
+def read_tensors(file: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # a pickle or anything else posing as safetensors
+        raise ValueError(f"{file} is not a valid safetensors file; refusing to load it ({exc})") from exc
+
+
+def staging_dir(target: Path) -> Path:
+    """The fixed temporary sibling that every rank of a run writes its part of ``target`` into."""
+    return Path(target).with_name(f".{Path(target).name}.partial")
+
+
+def write_dir(target: Path, tensors: Dict[str, Dict[str, torch.Tensor]], meta: dict,
+              staging: Optional[Path] = None) -> Path:
+    """Write ``{file: tensors}`` as safetensors plus ``state.json`` into ``target`` atomically.
+
+    ``staging``: a temporary directory that already holds other files of the checkpoint (the
+    engine's state, written by every rank); by default a fresh one is made.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for name, group in tensors.items():
-            save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
-            _fsync(tmp / f"{name}.safetensors")
+            write_tensors(tmp / f"{name}.safetensors", group)
         (tmp / COMPLETE).write_text(json.dumps(meta, indent=1))
         _fsync(tmp / COMPLETE)
         _fsync(tmp)
@@ -72,10 +93,7 @@ def read_dir(path: Path, names: List[str]) -> Tuple[Dict[str, Dict[str, torch.Te
         file = path / f"{name}.safetensors"
         if not file.is_file():
             continue
-        try:
-            tensors[name] = load_file(str(file))
-        except Exception as exc:  # a pickle or anything else posing as safetensors
-            raise ValueError(f"{file} is not a valid safetensors file; refusing to load it ({exc})") from exc
+        tensors[name] = read_tensors(file)
     return tensors, meta
 
 

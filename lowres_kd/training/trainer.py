@@ -8,8 +8,12 @@ Features and the recipe flags that control them:
   ``space.calibration_images``)
 - loss ``sum_t w_t (lambda_g d_g + lambda_d d_d)`` (``loss.*``, ``teachers[*].weight``), the
   head's last linear fused with it (``loss.kernels``), teacher dropping (``loss.teacher_drop``)
-- AdamW, linear warmup + cosine decay (``optim.*``), gradient accumulation
-  (``train.grad_accum``), gradient clipping (``optim.grad_clip``)
+- one loop, two engines (``engine``): plain PyTorch or DeepSpeed ZeRO 0-3 with CPU offload
+  (``deepspeed.*``); AdamW or 8-bit AdamW (``optim.name``), linear warmup + cosine decay
+  (``optim.*``), gradient accumulation (``train.grad_accum``), clipping (``optim.grad_clip``)
+- any world size: ``torchrun`` / the DeepSpeed launcher start one process per GPU, each takes
+  its slice of every global batch of ``world_size * train.batch_size`` images
+- ``memory: auto``: the planner picks batch, accumulation, checkpointing, bits and offload
 - non-finite losses skip the step; ``train.max_bad_steps`` in a row stop the run
 - tqdm progress; ``log.csv`` with every loss term, lr, images/s and peak memory per step
 - atomic safetensors checkpoints every ``train.checkpoint_every`` steps, ``train.keep_last``
@@ -21,6 +25,7 @@ import csv
 import json
 import math
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -33,10 +38,12 @@ from ..config import Recipe, TeacherConfig, dict_differences
 from ..data import (BadImageReport, EvalTransform, Indexed, ResumableSampler, TrainImages, TrainTransform, build_source,
                     collate_images, collate_indexed, make_train_loader, start_epoch)
 from ..heads import dense_rows
-from ..kernels import fused_linear_distill
+from ..kernels import FusedLinearDistill
 from ..model import InheritedModel, Student
 from ..teachers import Features, Teacher, TeacherSpec, build_teacher
 from . import checkpoint as ckpt
+from .distributed import DistEnv
+from .engines import build_engine
 from .lock import RunLock
 
 
@@ -55,7 +62,7 @@ class ResumeMismatch(ValueError):
 # what may change between a run and its resume: bookkeeping, memory settings, the run's length
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
                      "train.max_bad_steps", "train.device", "train.batch_size", "train.grad_accum",
-                     "student.grad_checkpointing", "data.num_workers", "probe")
+                     "student.grad_checkpointing", "data.num_workers", "probe", "plan", "memory")
 
 
 def out_of_memory_advice(recipe: Recipe, device: torch.device) -> str:
@@ -71,12 +78,41 @@ def out_of_memory_advice(recipe: Recipe, device: torch.device) -> str:
     return f"out of memory on {device} at train.batch_size={t.batch_size}; try: " + "; or ".join(tips)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``train.device``; on CUDA each process of a multi-GPU run takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but CUDA is not available (use auto or cpu)")
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def memory_budget(recipe: Recipe, device: torch.device) -> int:
+    """``plan.gpu_mem``, else the device's memory (CPU: the machine's RAM)."""
+    from ..units import parse_bytes
+
+    if recipe.plan.gpu_mem:
+        return parse_bytes(recipe.plan.gpu_mem)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def planned_recipe(recipe: Recipe, device: torch.device, world_size: int) -> tuple:
+    """``memory: auto``: the recipe with the planner's settings, and the plan (None if manual)."""
+    if recipe.memory != "auto":
+        return recipe, None
+    from ..planner import plan_recipe
+
+    plan = plan_recipe(recipe, memory_budget(recipe, device), world_size=world_size, device_type=device.type)
+    if not plan.fits:
+        raise RuntimeError("memory: auto found no settings that fit:\n" + plan.table())
+    return plan.apply(recipe), plan
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -128,6 +164,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True):
         self.recipe = recipe
+        self.dist = DistEnv.from_env()
         self.resume = resume
         self.progress = progress
         self.run_dir = recipe.run_dir
@@ -141,14 +178,18 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
         """Take the run directory's lock, build everything, then calibrate or resume."""
-        self.lock = RunLock(self.run_dir).acquire()
-        if self.lock.took_over:
+        self.lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None  # one lock per run, not per rank
+        if self.lock is not None and self.lock.took_over:
             tqdm.write(f"took over a stale lock of pid {self.lock.took_over.get('pid')} in {self.run_dir}")
         try:
             return self._setup()
         except BaseException:
-            self.lock.release()
+            self._release()
             raise
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def prepare_targets(self) -> "Trainer":
         """Data, teachers and fitted normalisers, without lock or optimizer: what
@@ -168,7 +209,10 @@ class Trainer:
         """Device, seed, data, student (+ heads, normalisers) and teachers or the target cache."""
         from ..cache import TargetCache
 
-        self.device = resolve_device(self.recipe.train.device)
+        self.device = resolve_device(self.recipe.train.device, self.dist.local_rank)
+        self.recipe, self.plan = planned_recipe(self.recipe, self.device, self.dist.world_size)
+        if self.plan is not None:
+            tqdm.write("memory: auto: " + (", ".join(f"{k}={v}" for k, v in self.plan.changes.items()) or "no changes"))
         torch.manual_seed(self.recipe.train.seed)
         self.cache = TargetCache(self.recipe.cache_dir) if from_cache else None
         self._setup_data()
@@ -189,8 +233,13 @@ class Trainer:
             else:
                 self._calibrate()
         self._check_fidelity()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
+            run = {"engine": self.engine.describe(), "world_size": self.dist.world_size,
+                   "plan": self.plan.as_dict() if self.plan is not None else None}
+            (self.run_dir / "run.json").write_text(json.dumps(run, indent=1))
+        tqdm.write(f"engine: {self.engine.describe()}")
         return self
 
     def _setup_data(self) -> None:
@@ -198,10 +247,11 @@ class Trainer:
         self.source = build_source(d.source, fashion_mnist=d.fashion_mnist)
         transform = TrainTransform(d.image_size, scale=(d.crop_scale_min, 1.0), hflip=d.hflip)
         self.dataset = TrainImages(self.source, transform, seed=seed)
-        self.sampler = ResumableSampler(len(self.dataset), seed=seed)
-        bs = self.recipe.train.batch_size
-        if len(self.dataset) < bs:
-            raise ValueError(f"data.source {d.source!r} has {len(self.dataset)} images, fewer than train.batch_size={bs}")
+        bs, world = self.recipe.train.batch_size, self.dist.world_size
+        if len(self.dataset) < bs * world:
+            raise ValueError(f"data.source {d.source!r} has {len(self.dataset)} images, fewer than one global batch: "
+                             f"train.batch_size={bs} x world size {world}")
+        self.sampler = ResumableSampler(len(self.dataset), seed=seed).shard(self.dist.rank, world, bs)
         self.loader = make_train_loader(Indexed(self.dataset), bs, self.sampler, num_workers=d.num_workers,
                                         collate=collate_indexed)
         self.bad_images = BadImageReport(epoch=0)
@@ -224,7 +274,8 @@ class Trainer:
                 raise FileNotFoundError(f"teacher {t.name!r} is not in the cache at {r.cache_dir}; rebuild it")
         self.model = InheritedModel(student, specs, r.space.head_hidden, r.space.normalizer).to(self.device)
         self._setup_low_memory_teachers()
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        lo = r.loss
+        self.loss_fn = FusedLinearDistill(alpha=lo.alpha, beta=lo.beta, distance=lo.distance, backend=lo.kernels)
 
     def _setup_low_memory_teachers(self) -> None:
         """Quantize (``bits``) and offload (``offload``) teachers as their entries ask. The
@@ -273,16 +324,13 @@ class Trainer:
                        f"relative error {report.rel_err_dense:.3f} (dense, normalised)")
             check_fidelity(report, entries[name].min_fidelity, name, entries[name].bits)
         if self.teacher_report:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "teachers.json").write_text(json.dumps(self.teacher_report, indent=1))
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "teachers.json").write_text(json.dumps(self.teacher_report, indent=1))
 
     def _setup_optimizer(self) -> None:
-        o = self.recipe.optim
-        decay = [p for p in self.trainable if p.dim() >= 2]
-        no_decay = [p for p in self.trainable if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=o.lr, betas=tuple(o.betas))
+        bf16 = self.device.type == "cuda" and self.recipe.train.bf16
+        self.engine = build_engine(self.recipe, self.model, self.device, self.dist, bf16)
 
     # ------------------------------------------------------------------ teachers
     @torch.no_grad()
@@ -355,12 +403,7 @@ class Trainer:
         return (weights * losses).sum(), terms
 
     def _head_loss(self, head: nn.Module, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        lo = self.recipe.loss
-        hidden = head.trunk(rows)
-        weight = head.out.weight.to(hidden.dtype)
-        bias = head.out.bias.to(hidden.dtype)
-        return fused_linear_distill(hidden, weight, bias, target, alpha=lo.alpha, beta=lo.beta,
-                                    distance=lo.distance, backend=lo.kernels)
+        return head(rows, target, self.loss_fn)
 
     # ------------------------------------------------------------------ loop
     def _batches(self):
@@ -389,37 +432,33 @@ class Trainer:
         try:
             return self._train()
         finally:
-            self.lock.release()
+            self._release()
 
     def _train(self) -> dict:
         r = self.recipe
         t = r.train
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and t.bf16)
-        log = self._open_log()
+        main = self.dist.is_main
+        log = self._open_log() if main else None
         batches = self._batches()
         self.model.train()
-        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {r.name}", disable=not self.progress)
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {r.name}", disable=not self.progress or not main)
         last = {}
         while self.step < t.steps:
             started = time.perf_counter()
             lr = lr_at(self.step, r)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.zero_grad(set_to_none=True)
-            total, sums, n_images = 0.0, {}, 0
-            finite = True
-            for _ in range(t.grad_accum):
+            self.engine.set_lr(lr)
+            total, sums, n_images, finite = 0.0, {}, 0, True
+            for _ in range(t.grad_accum):  # every micro-batch runs, also after a non-finite one: ranks stay in step
                 images, indices = next(batches)
                 images = images.to(self.device)
                 try:
                     with autocast:
                         loss, terms = self._loss_step(images, indices)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    (loss / t.grad_accum).backward()
+                    micro_finite = bool(torch.isfinite(loss))
+                    finite &= micro_finite
+                    self.engine.backward(loss, micro_finite)
                 except torch.cuda.OutOfMemoryError as exc:
-                    self.optimizer.zero_grad(set_to_none=True)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                     raise TrainingOutOfMemory(
@@ -429,26 +468,21 @@ class Trainer:
                 total += loss.detach() / t.grad_accum
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum
-                n_images += len(images)
-            if not finite:
-                self._skip_step(log, lr, "non-finite loss")
-                continue
-            # a finite loss can still give inf/NaN gradients (bf16 overflow in backward): check the norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, r.optim.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):
-                finite = False
-            if not finite:
-                self._skip_step(log, lr, "non-finite gradients")
+                n_images += len(images) * self.dist.world_size
+            grad_norm = self.engine.step()
+            if grad_norm is None:
+                self._skip_step(log, lr, "non-finite loss" if not self.dist.all_true(finite, self.device)
+                                else "non-finite gradients")
                 continue
             self.bad_steps = 0
             sums["grad_norm"] = grad_norm
-            self.optimizer.step()
             self.step += 1
             elapsed = time.perf_counter() - started
-            last = {"step": self.step, "lr": lr, "loss": float(total), **{k: float(v) for k, v in sums.items()},
+            last = {"step": self.step, "lr": lr, "loss": float(self.dist.mean(total)),
+                    **{k: float(self.dist.mean(torch.as_tensor(v, device=self.device))) for k, v in sums.items()},
                     "images_per_s": n_images / elapsed, "peak_mem_gib": peak_memory_gib(self.device),
                     "bad_images": self.bad_images.count, "skipped_steps": self.skipped_steps}
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if main and (self.step % t.log_every == 0 or self.step == t.steps):
                 log.write(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", ips=f"{last['images_per_s']:.1f}")
             bar.update(1)
@@ -459,13 +493,13 @@ class Trainer:
         self.export()
         return last
 
-    def _skip_step(self, log: "CsvLog", lr: float, why: str) -> None:
+    def _skip_step(self, log: Optional["CsvLog"], lr: float, why: str) -> None:
         """No optimizer update; counted, logged as a NaN row; too many in a row stop the run."""
-        self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
         self.skipped_steps += 1
         tqdm.write(f"step {self.step}: {why}, step skipped ({self.bad_steps} in a row)")
-        log.write({"step": self.step + 1, "lr": lr, "loss": float("nan"), "skipped_steps": self.skipped_steps})
+        if log is not None:
+            log.write({"step": self.step + 1, "lr": lr, "loss": float("nan"), "skipped_steps": self.skipped_steps})
         max_bad = self.recipe.train.max_bad_steps
         if self.bad_steps >= max_bad:
             raise NonFiniteLossError(
@@ -478,7 +512,7 @@ class Trainer:
         return CsvLog(self.run_dir / "log.csv", keep_until=self.step)
 
     def _meta(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "images_done": self.batches_done * self.recipe.train.batch_size,
+        return {"step": self.step, "epoch": self.epoch, "images_done": self.batches_done * self.global_batch,
                 "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps,
                 "bad_images": self.bad_images.state_dict(), "recipe": self.recipe.to_dict(),
@@ -490,17 +524,42 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
+    @property
+    def global_batch(self) -> int:
+        return self.recipe.train.batch_size * self.dist.world_size
+
     def save_checkpoint(self) -> Path:
-        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
-        meta = {**self._meta(), "optimizer": opt_meta}
+        """Every rank writes its engine state into one staging directory; rank 0 adds the model,
+        RNG and ``state.json`` and renames it into place (atomic for the whole run)."""
         path = self.run_dir / "checkpoints" / f"step_{self.step:07d}"
-        ckpt.write_dir(path, {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": self._rng()}, meta)
-        ckpt.rotate(self.run_dir, self.recipe.train.keep_last)
+        staging = ckpt.staging_dir(path)
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.dist.barrier()
+        try:
+            engine_meta = self.engine.save(staging)
+            model = self.engine.model_state()
+            self.dist.barrier()
+            if self.dist.is_main:
+                meta = {**self._meta(), "optimizer": engine_meta, "engine": self.engine.name}
+                ckpt.write_dir(path, {"model": model, "rng": self._rng()}, meta, staging=staging)
+                ckpt.rotate(self.run_dir, self.recipe.train.keep_last)
+        except BaseException:  # the previous checkpoint stays the newest; no half-written staging left
+            if self.dist.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.dist.barrier()
         return path
 
     def export(self) -> Path:
         """The final model alone (no optimizer): what ``lowres_kd.load(run_dir)`` reads."""
-        return ckpt.write_dir(self.run_dir / "model", {"model": self.model.state_dict()}, self._meta())
+        model = self.engine.model_state()
+        path = self.run_dir / "model"
+        if self.dist.is_main:
+            ckpt.write_dir(path, {"model": model}, self._meta())
+        self.dist.barrier()
+        return path
 
     def _resume_from_newest_readable(self) -> None:
         """Newest intact checkpoint first; one whose files cannot be read (a power cut before the
@@ -525,23 +584,26 @@ class Trainer:
         if blocking:
             raise ResumeMismatch(f"cannot resume {path} with this recipe: " + "; ".join(blocking)
                                  + f". Only these may change: {', '.join(RESUMABLE_CHANGES)}")
-        images_done, bs = meta["images_done"], self.recipe.train.batch_size
+        images_done, bs = meta["images_done"], self.global_batch
+        if meta.get("engine", self.engine.name) != self.engine.name:
+            raise ResumeMismatch(f"cannot resume {path}: it was written by the {meta['engine']} engine, this run uses "
+                                 f"{self.engine.name}; set engine: {meta['engine']}")
         if images_done % bs:
             raise ResumeMismatch(f"cannot resume {path}: {images_done} images of epoch {meta['epoch']} are done, not a "
-                                 f"multiple of train.batch_size={bs}; pick a batch size that divides it")
+                                 f"multiple of train.batch_size={self.recipe.train.batch_size} x world size "
+                                 f"{self.dist.world_size}; pick a batch size that divides it")
         if diffs:
             tqdm.write("resuming with changed settings: " + "; ".join(diffs))
 
     def _load_checkpoint(self, path: Path) -> None:
-        tensors, meta = ckpt.read_dir(path, ["model", "optimizer", "rng"])
+        tensors, meta = ckpt.read_dir(path, ["model", "rng"])
         self._check_resumable(meta, path)
-        self.model.load_state_dict(tensors["model"])
-        self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors["optimizer"], meta["optimizer"]))
+        self.engine.load(path, tensors["model"], meta)
         torch.set_rng_state(tensors["rng"]["cpu"])
         if "cuda" in tensors["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng"]["cuda"], self.device)
         self.step, self.epoch = meta["step"], meta["epoch"]
-        self.batches_done = meta["images_done"] // self.recipe.train.batch_size
+        self.batches_done = meta["images_done"] // self.global_batch
         self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
         self.bad_images.load_state_dict(meta["bad_images"])
         tqdm.write(f"resumed from {path} at step {self.step}")

@@ -1,0 +1,153 @@
+"""The DeepSpeed engine: ZeRO stage 0-3, optimizer (and, at stage 3, parameter) offload to CPU,
+bf16 mixed precision, over the trainable part of the model (student + heads).
+
+- The normalisers stay outside DeepSpeed's module: they are fitted, frozen and must stay fp32
+  (bf16 would change the targets).
+- DeepSpeed accumulates over ``train.grad_accum`` micro-batches itself (``backward`` steps it at
+  every micro-batch; it updates only at the boundary) and clips to ``optim.grad_clip``.
+- Non-finite gradients: ZeRO 1-3 and bf16 detect them and skip the update on every rank
+  (``was_step_applied``); at stage 0 in fp32 DeepSpeed does not check, so this engine drops the
+  gradients itself before the step.
+- With ``offload_optimizer: cpu`` the optimizer is DeepSpeed's own CPU AdamW (compiled on first
+  use, 1-2 min); otherwise the torch (or bitsandbytes 8-bit) AdamW is handed to DeepSpeed.
+- Checkpoints: DeepSpeed's own files in ``<checkpoint>/deepspeed/`` (fp32 master weights and
+  partitioned optimizer state, written and read by DeepSpeed with ``torch.save``/``torch.load``:
+  the one place this project reads pickles, and only files it wrote itself) next to the
+  safetensors model that ``lowres_kd.load`` reads.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...heads import Head
+from ..distributed import backend_for, single_process_env
+from .base import ENGINES, Engine, make_optimizer, param_groups
+
+TRAINABLE = ("student", "heads")  # the submodules DeepSpeed manages; the rest (normalisers) stays fp32
+TAG = "state"
+
+
+def deepspeed_config(recipe, bf16: bool, cuda: bool) -> dict:
+    t, o, ds = recipe.train, recipe.optim, recipe.deepspeed
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": cuda}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": cuda}
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # bitsandbytes AdamW8bit under ZeRO
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer != "none":
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
+    return config
+
+
+@ENGINES.register("deepspeed")
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, recipe, model, device, dist, bf16):
+        super().__init__(recipe, model, device, dist, bf16)
+        import deepspeed
+
+        if dist.world_size == 1:
+            single_process_env()
+        if not dist.active:
+            deepspeed.init_distributed(dist_backend=backend_for(device))
+        self.trainable = nn.ModuleDict({name: getattr(model, name) for name in TRAINABLE})
+        ds = recipe.deepspeed
+        if ds.zero_stage == 3:  # the fused loss reads out.weight inside Head.forward: gather it there
+            for m in self.trainable.modules():
+                if isinstance(m, Head):
+                    for p in m.out.parameters():
+                        deepspeed.zero.register_external_parameter(m, p)
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        groups = param_groups(params, recipe.optim.weight_decay)
+        optimizer = None if ds.offload_optimizer != "none" else make_optimizer(
+            recipe.optim.name, groups, recipe.optim.lr, recipe.optim.betas)
+        self.config = deepspeed_config(recipe, bf16, device.type == "cuda")
+        self.ds, self._optimizer, _, _ = deepspeed.initialize(model=self.trainable, optimizer=optimizer,
+                                                              model_parameters=groups, config=self.config)
+        self._checks_overflow = ds.zero_stage >= 1 or bf16
+        self._params = params
+
+    def describe(self) -> str:
+        ds = self.recipe.deepspeed
+        return (f"deepspeed (ZeRO-{ds.zero_stage}, offload_optimizer {ds.offload_optimizer}, offload_param "
+                f"{ds.offload_param}, bf16 {self.bf16}, {type(self._optimizer).__name__}, world size {self.dist.world_size})")
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    def backward(self, loss, finite):
+        # a non-finite loss still goes through backward: DeepSpeed's micro-step count must advance,
+        # and its NaN gradients make the boundary step skip (or, at stage 0 fp32, step() drops them)
+        self.ds.backward(loss)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # counts the micro-step; no update before the boundary
+
+    def step(self):
+        if not self._checks_overflow:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+            if norm is not None and not self.dist.all_true(bool(torch.isfinite(norm)), self.device):
+                for p in self._params:
+                    p.grad = None  # torch optimizers leave parameters without gradients untouched
+                self.ds.step()
+                return None
+        self.ds.step()
+        if not self.ds.was_step_applied():
+            return None
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return None if self._checks_overflow else torch.tensor(0.0)
+        norm = torch.as_tensor(norm, dtype=torch.float32)
+        return norm if math.isfinite(float(norm)) else None
+
+    def _gathered(self):
+        import deepspeed
+
+        if self.recipe.deepspeed.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.trainable.parameters()), modifier_rank=None)
+        return _NoGather()
+
+    def model_state(self):
+        with self._gathered():
+            return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                    for k, v in self.model.state_dict().items()}
+
+    def save(self, directory: Path) -> Optional[dict]:
+        self.ds.save_checkpoint(str(directory / "deepspeed"), tag=TAG, save_latest=False)
+        return None
+
+    def load(self, directory, model_state, meta):
+        outside = {k: v for k, v in model_state.items() if not k.startswith(tuple(f"{n}." for n in TRAINABLE))}
+        missing, unexpected = self.model.load_state_dict(outside, strict=False)
+        stray = [k for k in missing if not k.startswith(tuple(f"{n}." for n in TRAINABLE))]
+        if stray or unexpected:
+            raise ValueError(f"{directory}: model state does not fit: missing {stray[:5]}, unexpected {unexpected[:5]}")
+        path, _ = self.ds.load_checkpoint(str(directory / "deepspeed"), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"{directory / 'deepspeed'}: no readable DeepSpeed state (engine: deepspeed)")
+
+
+class _NoGather:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
