@@ -352,7 +352,8 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
         try:
             parse_bytes(r.plan.gpu_mem)
         except ValueError as exc:
-            errors.append(f"plan.gpu_mem: {exc}")
+            errors.append(f"plan.gpu_mem: {r.plan.gpu_mem!r} is not allowed; a size such as 12GiB, 8GB or 512MiB, "
+                          f"or '' for the device's memory ({exc})")
     need(r.space.calibration_images >= 2, "space.calibration_images", "at least 2", r.space.calibration_images)
     need(r.space.head_hidden >= 1, "space.head_hidden", "an integer >= 1", r.space.head_hidden)
     lo = r.loss

@@ -9,11 +9,12 @@ import typing
 import pytest
 
 from conftest import tiny_recipe_dict
-from lowres_kd.config import (CacheConfig, DataConfig, LossConfig, OptimConfig, ProbeConfig, Recipe, RecipeError, SpaceConfig,
-                              StudentConfig, TeacherConfig, TrainConfig, recipe_from_dict)
+from lowres_kd.config import (CacheConfig, DataConfig, DeepSpeedConfig, LossConfig, OptimConfig, PlanConfig, ProbeConfig,
+                              Recipe, RecipeError, SpaceConfig, StudentConfig, TeacherConfig, TrainConfig, recipe_from_dict)
 
 SECTIONS = {"cache": CacheConfig, "student": StudentConfig, "space": SpaceConfig, "loss": LossConfig, "data": DataConfig,
-            "optim": OptimConfig, "train": TrainConfig, "probe": ProbeConfig}
+            "optim": OptimConfig, "train": TrainConfig, "probe": ProbeConfig, "deepspeed": DeepSpeedConfig,
+            "plan": PlanConfig}
 TOP = [f.name for f in dataclasses.fields(Recipe) if f.name not in SECTIONS]
 
 
@@ -43,6 +44,10 @@ OUT_OF_RANGE = {
     "teachers[0].offload": True, "teachers[0].weight": -1.0, "teachers[0].base": False, "teachers[0].name": "a.b",
     "name": "", "output_dir": "", "teachers_from": "disk",
     "cache.dtype": "int4", "cache.epochs": 0, "cache.shard_images": 0,
+    "engine": "jax", "memory": "max", "optim.name": "sgd",
+    "student.family": "hed", "student.model": "vit_base_patch14_dinov2", "student.weights": "/no/such/file.pt",
+    "deepspeed.zero_stage": 4, "deepspeed.offload_optimizer": "nvme", "deepspeed.offload_param": "cpu",
+    "plan.gpu_mem": "twelve gigs", "plan.reserve": 1.0,
 }
 REPORTED_AS = {"teachers[0].base": "teachers[*].base"}  # "exactly one base" is a property of the list
 UNBOUNDED = {
