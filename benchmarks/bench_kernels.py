@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
-import re
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.kernels import fused_linear_distill, triton_usable
-from lowres_kd.provenance import git_sha  # noqa: E402
+from lowres_kd.provenance import device_slug, environment  # noqa: E402
 from lowres_kd.losses import fused_linear_distill_reference  # the one reference: no second one here
 
 GPU_SHAPES = [(n, k, c) for n, k, c in itertools.product((4096, 16384, 65536), (768, 1024), (768, 1024, 1280))]
@@ -72,26 +70,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ environment
-def _git_sha() -> str:
-    return git_sha(REPO)
-
-
-def _env(device: torch.device) -> Dict[str, Optional[str]]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine() or "cpu")
-    return {"device": "cuda" if device.type == "cuda" else "cpu", "device_name": name, "torch": torch.__version__,
-            "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(), "git_sha": _git_sha()}
+def _env(device: torch.device) -> Dict:
+    return environment(device, REPO, modules=("triton",))
 
 
 def _slug(env: Dict) -> str:
-    if env["device"] == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or "cuda"
+    return device_slug(env)
 
 
 # ------------------------------------------------------------------------------ measuring

@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import re
 import statistics
 import sys
 import time
@@ -52,9 +50,9 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.config import TeacherConfig  # noqa: E402
-from lowres_kd.provenance import git_sha  # noqa: E402
+from lowres_kd.provenance import device_slug, environment  # noqa: E402
 from lowres_kd.lowmem import enable_offload, quantize_teacher, teacher_fidelity, tensor_bytes  # noqa: E402
-from lowres_kd.teachers import TEACHERS, Features, build_teacher  # noqa: E402
+from lowres_kd.teachers import TEACHERS, Features, build_teacher, ships_weights  # noqa: E402
 
 GPU_TEACHERS = ["vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "mobilenet_v2", "efficientnet_lite0"]
 CPU_TEACHERS = ["vit_small_patch16_224", "vit_base_patch16_224", "mobilenet_v2", "efficientnet_lite0"]
@@ -68,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output folder (default: benchmarks/results)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto (default): cuda when available")
     p.add_argument("--teachers", nargs="+", default=None,
-                   help=f"registered families ({', '.join(n for n in TEACHERS.list() if n != 'timm')}: shipped weights) "
+                   help=f"registered families ({', '.join(n for n in TEACHERS.list() if ships_weights(n))}: shipped weights) "
                    f"or timm model names (random weights). Default: GPU {GPU_TEACHERS}; CPU {CPU_TEACHERS}")
     p.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4], choices=(16, 8, 4),
                    help="bit widths, 16 = not quantized (default: 16 8 4)")
@@ -85,28 +83,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ environment
-def _git_sha() -> str:
-    return git_sha(REPO)
-
-
-def _version(module: str) -> Optional[str]:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
-
-
 def _env(device: torch.device) -> Dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine() or "cpu")
-    return {"device": device.type, "device_name": name, "torch": torch.__version__,
-            "bitsandbytes": _version("bitsandbytes"), "timm": _version("timm"), "cuda": torch.version.cuda,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "git_sha": _git_sha()}
+    return environment(device, REPO, modules=("bitsandbytes", "timm"))
 
 
 def _slug(env: Dict) -> str:
-    if env["device"] == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or "cuda"
+    return device_slug(env)
 
 
 # ------------------------------------------------------------------------------ memory
@@ -157,7 +139,7 @@ class _Memory:
 
 # ------------------------------------------------------------------------------ teachers
 def _config(name: str, img: int) -> TeacherConfig:
-    if name in TEACHERS.list() and name != "timm":
+    if name in TEACHERS.list() and ships_weights(name):
         return TeacherConfig(name=name, family=name, input_size=img)  # shipped weights
     return TeacherConfig(name=name, family="timm", model=name, weights="none", input_size=img)
 

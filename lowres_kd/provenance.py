@@ -19,3 +19,32 @@ def git_sha(repo: Path) -> str:
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _version(module: str):
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def environment(device, repo: Path, modules=("triton", "bitsandbytes", "timm", "deepspeed")) -> dict:
+    """Device, its name, library versions and the git sha: the header of every benchmark result."""
+    import platform
+
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine() or "cpu")
+    env = {"device": device.type, "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "threads": torch.get_num_threads(), "git_sha": git_sha(repo)}
+    env.update({m: _version(m) for m in modules})
+    return env
+
+
+def device_slug(env: dict) -> str:
+    """``cpu`` or the GPU's name as a file-name part (``nvidia-h200``)."""
+    import re
+
+    if env["device"] == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or "cuda"

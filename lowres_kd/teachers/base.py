@@ -8,12 +8,14 @@ implements ``student_features`` (a dense tap fine enough for edges) and ``lora_t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..registry import Registry
 
@@ -29,6 +31,17 @@ def student_base(builder):
 
 def can_be_student(family: str) -> bool:
     return getattr(TEACHERS.get(family), "can_be_student", False)
+
+
+def no_shipped_weights(builder):
+    """Marks a registered family with no weights inside the distribution: its ``weights`` is
+    ``hub``, a file or ``none``, never ``shipped``."""
+    builder.ships_weights = False
+    return builder
+
+
+def ships_weights(family: str) -> bool:
+    return getattr(TEACHERS.get(family), "ships_weights", True)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,3 +137,22 @@ def fuse_dense(maps: List[torch.Tensor]) -> torch.Tensor:
     size = maps[0].shape[-2:]
     up = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
     return torch.cat(up, dim=1)
+
+
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module):
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def checkpointed(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` under activation checkpointing whose recomputation in backward leaves the
+    layer's buffers as the forward pass left them: batch-norm running statistics (and their
+    batch count) would otherwise move twice per training step."""
+    return checkpoint(layer, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(layer)))

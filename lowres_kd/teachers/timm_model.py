@@ -1,45 +1,131 @@
 """Any timm image model as a teacher (or the student's base): ViTs, ConvNeXts, ResNets, ...
 
-Weights: ``hub`` downloads through timm (online only), a path loads a local safetensors or
-``weights_only`` .pt state dict, ``none`` keeps the random init. Token models give global =
-the class token (or the mean of patch tokens) and dense = patch tokens on their grid; map
-models give the pooled map and the map. ``layer: k`` takes block k's output as the dense map.
+``TimmFamily`` is what a timm-backed family fixes (default model and input size, the timm
+architectures it accepts, an optional checkpoint converter); the ``timm`` family takes any model,
+``dinov2``, ``clip`` and ``sam`` (one file each) are ``TimmFamily`` entries with their defaults.
+
+Weights: ``hub`` downloads through timm (online, or from the local Hugging Face cache), a path
+loads a local safetensors or ``weights_only`` .pt state dict, ``none`` keeps the random init.
+Files are read by ``weights.load_state_dict`` (never by timm's loader: timm 1.0.x before the
+``weights_only`` default unpickled .pt files unrestricted), then passed through the timm model
+module's own ``checkpoint_filter_fn``, as ``timm.create_model(pretrained=True)`` would: it converts
+original-format checkpoints (facebook DINOv2, OpenAI/open_clip CLIP towers, SAM) and resamples
+position embeddings saved at another input size. A file must then fit exactly (classifier keys
+aside): a missing or unexpected key is an error, not a silently random layer.
+
+Features: a model whose ``forward_features`` gives tokens (N, L, C) gives global = the class token
+(or the mean of patch tokens when it has none) and dense = the patch tokens on their grid
+(``num_prefix_tokens`` class/register tokens dropped); one that gives a map (N, C, h, w) gives the
+pooled map and the map. ``layer: k`` takes block k's output as the dense map (same forward pass).
 """
 from __future__ import annotations
+
+import fnmatch
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec, student_base
+from .base import TEACHERS, Features, Teacher, TeacherSpec, no_shipped_weights, student_base
 from .weights import load_state_dict
 
 LORA_LEAVES = ("qkv", "proj", "fc1", "fc2")
+StateFilter = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TimmFamily:
+    """A registered family backed by timm.
+
+    ``model`` / ``input_size``: what a recipe's ``model: ""`` / ``input_size: 0`` mean (input size
+    0: the timm model's own pretrained size); ``models``: fnmatch patterns of the timm
+    architectures the family accepts; ``adapt_state(state, net)``: a conversion applied after
+    timm's own checkpoint filter, for what that filter leaves undone.
+    """
+
+    name: str
+    model: str = ""
+    input_size: int = 0
+    models: Tuple[str, ...] = ("*",)
+    adapt_state: Optional[StateFilter] = None
+
+    def build(self, cfg: TeacherConfig) -> "TimmTeacher":
+        import timm
+
+        model = cfg.model or self.model
+        if not model:
+            raise ValueError(f"teacher {cfg.name!r}: the {self.name} teacher family needs 'model' "
+                             "(a timm model name, e.g. vit_small_patch16_224)")
+        if not any(fnmatch.fnmatch(model.split(".")[0], p) for p in self.models):
+            known = timm.list_models(list(self.models))
+            raise ValueError(f"teacher {cfg.name!r}: the {self.name} family takes timm models matching "
+                             f"{' or '.join(self.models)} ({', '.join(known)}), not {model!r}")
+        return TimmTeacher(model, cfg.weights, cfg.input_size or self.input_size, cfg.layer, family=self, name=cfg.name)
+
+
+def hub_state(model: str, family: str, name: str) -> Dict[str, torch.Tensor]:
+    """The pretrained weights of a timm model through timm's own download (cache first)."""
+    import timm
+
+    try:
+        source = timm.create_model(model, pretrained=True, num_classes=0)
+    except (OSError, RuntimeError) as exc:  # offline (HF_HUB_OFFLINE), no network, no such weights
+        hub_id = timm.models.get_pretrained_cfg_value(model, "hf_hub_id") or f"timm/{model}"
+        raise RuntimeError(
+            f"teacher {name!r} (family {family!r}): 'weights: hub' could not fetch timm model {model!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline, download the "
+            f"checkpoint on a connected machine (https://huggingface.co/{hub_id}, "
+            f"model.safetensors) and pass the file: 'weights: /path/to/model.safetensors'") from exc
+    return source.state_dict()
+
+
+def load_checkpoint(net: nn.Module, state: Dict[str, torch.Tensor], source: str, adapt: Optional[StateFilter] = None):
+    """Load ``state`` into timm model ``net`` through its module's ``checkpoint_filter_fn`` (and
+    ``adapt``); everything but the classifier must fit."""
+    filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, net)
+    if adapt is not None:
+        state = adapt(state, net)
+    own = net.state_dict()
+    classifiers = net.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(c + "." for c in classifiers))}
+    what = f"{source} does not fit timm model {net.pretrained_cfg.get('architecture')!r}"
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{what}: {exc}") from None
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 class TimmTeacher(Teacher):
-    def __init__(self, model: str, weights: str = "none", input_size: int = 0, layer="last"):
+    def __init__(self, model: str, weights: str = "none", input_size: int = 0, layer="last",
+                 family: TimmFamily = TimmFamily("timm"), name: str = ""):
         super().__init__()
         import timm
 
-        if not model:
-            raise ValueError("the timm teacher family needs 'model' (a timm model name, e.g. vit_small_patch16_224)")
         kwargs = {"num_classes": 0}
         if input_size:
             kwargs["img_size"] = input_size
         try:
-            self.net = timm.create_model(model, pretrained=weights == "hub", **kwargs)
+            self.net = timm.create_model(model, **kwargs)
         except TypeError:  # models without img_size (CNNs) take any size
             kwargs.pop("img_size", None)
-            self.net = timm.create_model(model, pretrained=weights == "hub", **kwargs)
-        if weights not in ("hub", "none"):
-            state = {k: v for k, v in load_state_dict(weights).items() if not k.startswith("head.")}
-            missing, unexpected = self.net.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{weights} does not fit timm model {model!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            self.net = timm.create_model(model, **kwargs)
+        if weights == "shipped":
+            raise ValueError(f"teacher {name!r}: no weights ship with the {family.name} family; use 'hub' "
+                             "(online), a local .safetensors / .pt file, or 'none'")
+        if weights != "none":
+            state = hub_state(model, family.name, name) if weights == "hub" else load_state_dict(weights)
+            load_checkpoint(self.net, state, "the hub weights" if weights == "hub" else weights, family.adapt_state)
         cfg = self.net.pretrained_cfg
         self.layer = layer
-        self.spec = TeacherSpec(family="timm", input_size=input_size or cfg["input_size"][-1],
+        self.spec = TeacherSpec(family=family.name, input_size=input_size or cfg["input_size"][-1],
                                 mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), extra={"model": model})
         self.describe_dims()
 
@@ -48,23 +134,21 @@ class TimmTeacher(Teacher):
         return hasattr(self.net, "patch_embed") and hasattr(self.net, "num_prefix_tokens")
 
     def _tokens_to_features(self, tokens: torch.Tensor, size) -> Features:
-        n_prefix = self.net.num_prefix_tokens
-        patches = tokens[:, n_prefix:]
-        h, w = self.net.patch_embed.dynamic_feat_size(size) if hasattr(self.net.patch_embed, "dynamic_feat_size") else self.net.patch_embed.grid_size
+        patches = tokens[:, getattr(self.net, "num_prefix_tokens", 0):]
+        embed = self.net.patch_embed
+        h, w = embed.dynamic_feat_size(size) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
         dense = patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
         global_ = tokens[:, 0] if getattr(self.net, "cls_token", None) is not None else patches.mean(1)
         return Features(global_, dense)
 
     def forward_features(self, x):
-        out = self.net.forward_features(x)
-        if self.is_token_model:
-            feats = self._tokens_to_features(out, x.shape[-2:])
+        if self.layer == "last":
+            out, dense = self.net.forward_features(x), None
         else:
-            feats = Features(out.mean((2, 3)), out)
-        if self.layer != "last":
-            (dense,) = self.net.forward_intermediates(x, indices=[int(self.layer)], intermediates_only=True, output_fmt="NCHW")
-            feats = Features(feats.global_, dense)
-        return feats
+            out, (dense,) = self.net.forward_intermediates(x, indices=[int(self.layer)], output_fmt="NCHW")
+        # decided by what timm returns, not by attributes: samvit has a patch_embed but gives a map
+        feats = self._tokens_to_features(out, x.shape[-2:]) if out.dim() == 3 else Features(out.mean((2, 3)), out)
+        return feats if dense is None else Features(feats.global_, dense)
 
     def student_features(self, x):
         return self.forward_features(x)
@@ -77,7 +161,11 @@ class TimmTeacher(Teacher):
         self.net.set_grad_checkpointing(enable)
 
 
+TIMM = TimmFamily("timm")
+
+
 @TEACHERS.register("timm")
 @student_base
+@no_shipped_weights
 def timm_teacher(cfg: TeacherConfig) -> Teacher:
-    return TimmTeacher(cfg.model, cfg.weights, cfg.input_size, cfg.layer)
+    return TIMM.build(cfg)

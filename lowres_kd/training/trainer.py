@@ -454,7 +454,7 @@ class Trainer:
                 images = images.to(self.device)
                 try:
                     with autocast:
-                        loss, terms = self._loss_step(images, indices)
+                        loss, terms = self.engine.forward(self._loss_step, images, indices)
                     micro_finite = bool(torch.isfinite(loss))
                     finite &= micro_finite
                     self.engine.backward(loss, micro_finite)

@@ -55,6 +55,10 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def forward(self, fn, *args):
+        """Run one micro-batch's ``fn(*args)`` (the loss step) under the engine's bookkeeping."""
+        return fn(*args)
+
     def backward(self, loss: torch.Tensor, finite: bool) -> None:
         """Accumulate one micro-batch's gradients (``finite``: the loss is finite on this rank)."""
         raise NotImplementedError

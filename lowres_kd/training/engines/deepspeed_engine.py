@@ -66,7 +66,7 @@ class DeepSpeedEngine(Engine):
             single_process_env()
         if not dist.active:
             deepspeed.init_distributed(dist_backend=backend_for(device))
-        self.trainable = nn.ModuleDict({name: getattr(model, name) for name in TRAINABLE})
+        self.trainable = TrainableParts({name: getattr(model, name) for name in TRAINABLE})
         ds = recipe.deepspeed
         if ds.zero_stage == 3:  # the fused loss reads out.weight inside Head.forward: gather it there
             for m in self.trainable.modules():
@@ -91,6 +91,9 @@ class DeepSpeedEngine(Engine):
     @property
     def optimizer(self):
         return self._optimizer
+
+    def forward(self, fn, *args):
+        return self.ds(fn, *args)  # DeepSpeed's forward resets its per-micro-batch gradient state
 
     def backward(self, loss, finite):
         # a non-finite loss still goes through backward: DeepSpeed's micro-step count must advance,
@@ -143,6 +146,15 @@ class DeepSpeedEngine(Engine):
                                           load_lr_scheduler_states=False)
         if path is None:
             raise ValueError(f"{directory / 'deepspeed'}: no readable DeepSpeed state (engine: deepspeed)")
+
+
+class TrainableParts(nn.ModuleDict):
+    """The student and heads as the one module DeepSpeed wraps. Its forward runs a given loss
+    step, so every micro-batch passes through DeepSpeed's forward (ZeRO keeps per-micro-batch
+    state there) while the step itself calls the submodules as usual."""
+
+    def forward(self, fn, *args):
+        return fn(*args)
 
 
 class _NoGather:

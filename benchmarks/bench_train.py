@@ -1,0 +1,242 @@
+"""Benchmark training steps: a naive baseline against the lowres-kd settings, in the same run.
+
+Each configuration trains a few steps of one recipe in a fresh subprocess (its own peak memory,
+its own DeepSpeed process group) through the real trainer, and reads the trainer's log.csv:
+
+  images/s      median over the steps after the first --warmup ones
+  peak memory   GPU: torch.cuda.max_memory_allocated over the run (teachers, student, optimizer,
+                activations: everything the process allocated). CPU: the process's peak RSS,
+                Python and libraries included: only the ratios between rows mean anything
+
+Configurations (recipe overrides):
+
+  naive         bf16 teachers resident (bits 16, no offload), eager loss (kernels: torch), no
+                gradient checkpointing, fp32 AdamW on the plain torch engine
+  lowres-kd     non-base teachers int8 (and offloaded on CUDA), the fused loss (kernels: auto),
+                gradient checkpointing, DeepSpeed ZeRO-2 with the optimizer on the CPU where
+                DeepSpeed is installed, else the torch engine with 8-bit AdamW
+  <budget>      on CUDA only: lowres-kd with ``memory: auto`` planned for the budget and the
+                process capped to it (``torch.cuda.set_per_process_memory_fraction``): an
+                emulated 8 / 12 / 24 GB card on a bigger GPU
+
+Ratios are against naive. Targets (GPU): the 12 GB budget at >= 0.6x the throughput of the
+unconstrained naive run, the 24 GB budget at >= 1.5x naive; reported as met / missed.
+
+Writes train_<device>.json / .md / .png under --out.
+
+    python benchmarks/bench_train.py                                  # defaults for this machine
+    python benchmarks/bench_train.py --recipe recipes/vitb_dinov2_clip_sam_24gb.yaml --steps 12
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(REPO))
+
+from lowres_kd.config import load_recipe  # noqa: E402
+from lowres_kd.provenance import device_slug, environment  # noqa: E402
+from lowres_kd.units import parse_bytes  # noqa: E402
+
+GPU_RECIPE = REPO / "recipes" / "vitb_dinov2_clip_sam_24gb.yaml"
+CPU_RECIPE = REPO / "recipes" / "demo_cpu.yaml"
+# a tiny CPU run: the demo's real shipped teachers at 64 px
+CPU_OVERRIDES = ["data.image_size=64", "space.calibration_images=8", "space.head_hidden=128", "data.fashion_mnist=8",
+                 "train.batch_size=4", "train.grad_accum=1"]
+GPU_BUDGETS = ["8GiB", "12GiB", "24GiB"]
+TARGETS = {"12GiB": ("throughput vs naive >= 0.6", 0.6), "24GiB": ("throughput vs naive >= 1.5", 1.5)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", type=Path, default=None, help="recipe to train (default: the 24 GB recipe on CUDA, "
+                   "the CPU demo at 64 px on CPU); hub weights are replaced by random ones (speed and memory do not "
+                   "depend on them)")
+    p.add_argument("--steps", type=int, default=None, help="steps per configuration (default 10 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=1, help="first steps left out of images/s")
+    p.add_argument("--budgets", nargs="*", default=None, help="emulated GPU memory budgets (CUDA only; default 8/12/24GiB)")
+    p.add_argument("--configs", nargs="*", default=["naive", "lowres-kd"], help="configurations besides the budgets")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override for every row")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) in this process
+    return p
+
+
+# ------------------------------------------------------------------------------ configurations
+def _teacher_overrides(recipe, bits: int, offload: bool) -> List[str]:
+    out = []
+    for i, t in enumerate(recipe.teachers):
+        adapter_base = t.base and recipe.student.mode == "adapter"  # the student itself: stays as it is
+        out += [f"teachers.{i}.bits={16 if adapter_base else bits}", f"teachers.{i}.offload={offload and not adapter_base}",
+                f"teachers.{i}.min_fidelity=0.0"]  # random weights: fidelity is not what is measured here
+        if t.weights == "hub":
+            out.append(f"teachers.{i}.weights=none")
+    if recipe.student.weights == "hub":
+        out.append("student.weights=none")
+    return out
+
+
+def _engine_overrides(cuda: bool) -> List[str]:
+    from lowres_kd.engine_choice import deepspeed_installed
+
+    if cuda and deepspeed_installed():
+        return ["engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu", "optim.name=adamw"]
+    try:
+        import bitsandbytes  # noqa: F401
+
+        return ["engine=torch", "optim.name=adamw8bit"]
+    except ImportError:
+        return ["engine=torch", "optim.name=adamw"]
+
+
+def configurations(recipe, cuda: bool, names: List[str], budgets: List[str]) -> List[Dict]:
+    naive = ["memory=manual", "engine=torch", "optim.name=adamw", "loss.kernels=torch", "student.grad_checkpointing=false",
+             *_teacher_overrides(recipe, 16, False)]
+    lowres = ["loss.kernels=auto", "student.grad_checkpointing=true", *_teacher_overrides(recipe, 8, cuda),
+              *_engine_overrides(cuda)]
+    rows = []
+    if "naive" in names:
+        rows.append({"name": "naive", "overrides": naive, "budget": None})
+    if "lowres-kd" in names:
+        rows.append({"name": "lowres-kd", "overrides": ["memory=manual", *lowres], "budget": None})
+    for b in budgets:
+        rows.append({"name": f"lowres-kd @ {b}", "overrides": [*lowres, "memory=auto", f"plan.gpu_mem={b}"], "budget": b})
+    return rows
+
+
+# ------------------------------------------------------------------------------ one configuration
+def run_worker(spec: Dict) -> Dict:
+    """Train one configuration in this process; the record the parent collects."""
+    from lowres_kd.training.trainer import Trainer, TrainingOutOfMemory
+
+    if spec["budget"] and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(spec["budget"]) / total))
+    recipe = load_recipe(spec["recipe"], spec["overrides"])
+    try:
+        trainer = Trainer(recipe, progress=False).setup()
+        trainer.train()
+    except (TrainingOutOfMemory, torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if "out of memory" not in str(exc) and "no settings that fit" not in str(exc):
+            raise
+        return {"fits": False, "error": str(exc).splitlines()[0][:300]}
+    with (trainer.recipe.run_dir / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    timed = [float(r["images_per_s"]) for r in rows[spec["warmup"]:]] or [float(r["images_per_s"]) for r in rows]
+    plan = trainer.plan.as_dict() if trainer.plan is not None else None
+    return {"fits": True, "images_per_s": statistics.median(timed), "peak_mem_gib": max(float(r["peak_mem_gib"]) for r in rows),
+            "steps": len(rows), "engine": trainer.engine.describe(), "plan": plan,
+            "settings": {"batch_size": trainer.recipe.train.batch_size, "grad_accum": trainer.recipe.train.grad_accum,
+                         "grad_checkpointing": trainer.recipe.student.grad_checkpointing,
+                         "bits": [t.bits for t in trainer.recipe.teachers],
+                         "offload": [t.offload for t in trainer.recipe.teachers]}}
+
+
+def run_config(spec: Dict, timeout: int) -> Dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"fits": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------ report
+def add_ratios(rows: List[Dict]) -> None:
+    naive = next((r for r in rows if r["name"] == "naive" and r["fits"]), None)
+    for r in rows:
+        if naive and r["fits"]:
+            r["throughput_vs_naive"] = r["images_per_s"] / naive["images_per_s"]
+            r["memory_vs_naive"] = r["peak_mem_gib"] / naive["peak_mem_gib"]
+        target = TARGETS.get(r["budget"] or "")
+        if target and "throughput_vs_naive" in r:
+            r["target"], r["target_met"] = target[0], r["throughput_vs_naive"] >= target[1]
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def write_markdown(path: Path, env: Dict, rows: List[Dict], note: str) -> None:
+    lines = [f"# Training step: naive vs lowres-kd ({env['device_name']})", "",
+             f"torch {env['torch']}, deepspeed {env['deepspeed']}, bitsandbytes {env['bitsandbytes']}, "
+             f"git {env['git_sha']}", "", note, "",
+             "| configuration | fits | images/s | peak GiB | throughput vs naive | memory vs naive | engine | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        target = f"{r['target']}: {'met' if r['target_met'] else 'missed'}" if "target" in r else ""
+        lines.append(f"| {r['name']} | {'yes' if r['fits'] else 'no: ' + r.get('error', '')[:80]} | "
+                     f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('peak_mem_gib'))} | {_fmt(r.get('throughput_vs_naive'))} | "
+                     f"{_fmt(r.get('memory_vs_naive'))} | {r.get('engine', '')} | {target} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, env: Dict, rows: List[Dict], note: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["fits"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "images_per_s", "images/s"), (axes[1], "peak_mem_gib", "peak memory (GiB)")):
+        ax.barh([r["name"] for r in ok], [r[key] for r in ok], color="tab:blue")
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+    fig.suptitle(f"training step, {env['device_name']} ({note[:100]})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return {}
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    env = environment(device, REPO, modules=("deepspeed", "bitsandbytes", "triton"))
+    recipe_path = args.recipe or (GPU_RECIPE if cuda else CPU_RECIPE)
+    steps = args.steps or (10 if cuda else 3)
+    budgets = GPU_BUDGETS if args.budgets is None and cuda else (args.budgets or [])
+    if budgets and not cuda:
+        raise SystemExit("--budgets emulate a smaller GPU: they need CUDA")
+    extra = [] if args.recipe or cuda else CPU_OVERRIDES
+    base = load_recipe(recipe_path, extra + args.overrides)
+    note = (f"{recipe_path.name}, {steps} steps per row, images/s = median after {args.warmup} warm-up step(s)"
+            + ("" if cuda else "; CPU: peak memory is the whole process's RSS, only the ratios mean anything"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in configurations(base, cuda, args.configs, budgets):
+            overrides = [*extra, *args.overrides, *spec["overrides"], f"train.steps={steps}",
+                         f"train.checkpoint_every={steps + 1}", f"output_dir={tmp}/{len(rows)}"]
+            record = run_config({**spec, "recipe": str(recipe_path), "overrides": overrides, "warmup": args.warmup},
+                                args.timeout)
+            rows.append({**spec, **record, **env})
+            print(f"{spec['name']}: " + (f"{record['images_per_s']:.2f} images/s, {record['peak_mem_gib']:.2f} GiB"
+                                         if record["fits"] else f"does not fit ({record.get('error')})"), flush=True)
+    add_ratios(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"train_{device_slug(env)}"
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "note": note, "rows": rows}, indent=1))
+    write_markdown(stem.with_suffix(".md"), env, rows, note)
+    write_plot(stem.with_suffix(".png"), env, rows, note)
+    return {"env": env, "rows": rows, "files": [str(stem.with_suffix(s)) for s in (".json", ".md", ".png")]}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""What the planner measures about a recipe's models, on the ``meta`` device (DESIGN §3).
+
+``profile_recipe(recipe, device_type, engine)`` builds the student (with its adapter), the heads,
+the normalisers and every teacher as the trainer does, but on ``meta`` with ``weights: none``:
+real architectures, no memory, no weight files. From them it reads
+
+- parameter counts per module and dtype: trainable (LoRA or backbone, heads), frozen (the base in
+  adapter mode), each teacher split into its offload blocks and its quantizable linears;
+- activation bytes of one training micro-step (``memtrack.LiveBytes``), with and without
+  gradient checkpointing: what the student's forward keeps for backward, what the heads keep,
+  what the loss keeps, and the working memory above that at the step's peak; measured at two
+  batch sizes and extended linearly (``Affine``);
+- each teacher's ``no_grad`` forward peak (the largest live set during its forward, output
+  included), also as an ``Affine`` in the batch;
+- FLOPs per image (``torch.utils.flop_counter``) of the step and of the teachers.
+
+On CUDA the step runs under the emulated bf16 autocast of ``memtrack.emulate_device``, the
+DeepSpeed engine's student and heads in bf16 (DeepSpeed casts them), and the teachers in bf16.
+A family whose module cannot be built on ``meta`` is built on the CPU with ``weights: none`` and
+moved to ``meta`` for the measurements (``notes`` says so).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import Recipe
+from ..heads import dense_rows
+from ..teachers import Features, Teacher, build_teacher
+from .arithmetic import Weights, fused_loss_bytes
+from .memtrack import LiveBytes, emulate_device
+
+META = torch.device("meta")
+PROBE_BATCHES = (2, 4)  # micro-batch sizes measured; activations are affine in the batch
+
+
+class PlanError(RuntimeError):
+    """The planner cannot estimate this recipe (a model that builds neither on meta nor on CPU)."""
+
+
+@dataclass
+class Affine:
+    """``bytes(batch) = fixed + per_image * batch``."""
+
+    fixed: float = 0.0
+    per_image: float = 0.0
+
+    def at(self, batch: int) -> int:
+        return max(0, int(round(self.fixed + self.per_image * batch)))
+
+    @classmethod
+    def through(cls, points: Dict[int, float]) -> "Affine":
+        (b1, v1), (b2, v2) = sorted(points.items())
+        per = (v2 - v1) / (b2 - b1)
+        return cls(v1 - per * b1, per)
+
+
+@dataclass
+class TeacherProfile:
+    name: str
+    outside: Weights  # what stays on the device when the teacher is offloaded
+    blocks: List[Weights]  # the offload block list (lowres_kd.lowmem.enable_offload)
+    forward: Affine  # no_grad forward peak, output included
+    target_numel: int  # per image: global + dense features
+    flops_per_image: float
+    is_student: bool = False  # adapter mode's base: the student's own weights, adapter disabled
+
+
+@dataclass
+class StepProfile:
+    """One training micro-step: bytes alive at the end of each part of the forward, and the
+    working memory above all of them at the step's peak (forward or backward)."""
+
+    student: Affine
+    heads: Affine
+    loss: Affine
+    working: Affine
+    flops_per_image: float
+
+
+@dataclass
+class RecipeProfile:
+    device_type: str
+    engine: str
+    bf16: bool
+    loss_backend: str  # torch (the eager reference) | triton (the fused kernel)
+    trainable: List[int]  # element count of each trainable student tensor (LoRA, or the backbone)
+    heads: List[int]  # element count of each head tensor (all train)
+    frozen_numel: int  # frozen floating elements of the student (the base in adapter mode)
+    frozen_fixed_bytes: int  # non-floating student buffers
+    largest_layer: int  # most parameters in one module (ZeRO-3 gathers a layer at a time)
+    normaliser_bytes: int
+    teachers: List[TeacherProfile]
+    steps: Dict[bool, StepProfile] = field(default_factory=dict)  # by gradient checkpointing
+    notes: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- building
+def _on_meta(what: str, build: Callable[[], nn.Module], notes: List[str]) -> nn.Module:
+    try:
+        with META:
+            return build()
+    except Exception as exc:  # a family that loads files or computes on data at construction
+        notes.append(f"{what}: built on the CPU with random weights and moved to meta "
+                     f"(meta construction failed: {type(exc).__name__}: {str(exc)[:120]})")
+    try:
+        return build().to(META)
+    except Exception as exc:
+        raise PlanError(f"cannot build {what} to measure it: {type(exc).__name__}: {exc}") from exc
+
+
+def _weights_of(module: nn.Module, skip: Tuple[nn.Module, ...] = ()) -> Weights:
+    """Quantizable linears (exactly ``nn.Linear``, as ``quantize_teacher`` swaps them) and the rest."""
+    w = Weights()
+    for m in module.modules():
+        if any(m is s for s in skip):
+            continue
+        own = [t for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
+        if type(m) is nn.Linear:
+            w.linears.append((m.out_features, m.in_features, m.bias is not None))
+            own = [t for t in m._buffers.values() if t is not None]
+        for t in own:
+            if t.is_floating_point():
+                w.float_numel += t.numel()
+            else:
+                w.fixed_bytes += t.numel() * t.element_size()
+    return w
+
+
+def _tensor_numel(module: nn.Module) -> int:
+    return sum(t.numel() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def block_list(module: nn.Module) -> Tuple[str, List[nn.Module]]:
+    """The block list ``lowmem.find_blocks`` picks: the ``nn.Sequential``/``nn.ModuleList`` whose
+    tensor-holding children hold the most (ties: more children). Counted here by element, per
+    tensor object: ``find_blocks`` dedupes tensors by data pointer, which is 0 for every meta
+    tensor (tests/planner checks that both pick the same container on CPU-built teachers)."""
+    best, best_score = ("", []), None
+    for name, m in module.named_modules():
+        if not isinstance(m, (nn.Sequential, nn.ModuleList)):
+            continue
+        kids = [c for c in m.children() if _tensor_numel(c)]
+        if len(kids) < 2:
+            continue
+        score = (sum(_tensor_numel(c) for c in kids), len(kids))
+        if best_score is None or score > best_score:
+            best, best_score = (name, kids), score
+    return best
+
+
+def teacher_weights(teacher: nn.Module) -> Tuple[Weights, List[Weights]]:
+    """(outside the block list, per block) weights of a teacher."""
+    _, blocks = block_list(teacher)
+    return _weights_of(teacher, skip=tuple(blocks)), [_weights_of(b) for b in blocks]
+
+
+def build_meta_models(recipe: Recipe, notes: List[str]):
+    """(InheritedModel, {name: teacher}) on meta; the adapter-mode base teacher is the student."""
+    from ..model import InheritedModel, Student
+    from ..training.trainer import student_backbone_config
+
+    adapter = recipe.student.mode == "adapter"
+    teachers: Dict[str, Teacher] = {}
+    for t in recipe.teachers:
+        if not (t.base and adapter):
+            cfg = dataclasses.replace(t, weights="none")
+            teachers[t.name] = _on_meta(f"teacher {t.name!r} ({t.family})", lambda cfg=cfg: build_teacher(cfg), notes)
+    backbone_cfg = dataclasses.replace(student_backbone_config(recipe, with_weights=False), weights="none")
+
+    def student():
+        body = build_teacher(backbone_cfg)
+        return Student(body, recipe.student)
+
+    st = _on_meta(f"the student ({backbone_cfg.family})", student, notes)
+    specs = {t.name: st.body.spec if t.name not in teachers else teachers[t.name].spec for t in recipe.teachers}
+    model = _on_meta("heads and normalisers",
+                     lambda: InheritedModel(st, specs, recipe.space.head_hidden, recipe.space.normalizer), notes)
+    return model, teachers
+
+
+# ----------------------------------------------------------------------------- measuring
+class _FusedKernelMemory(torch.autograd.Function):
+    """Stands in for the fused Triton head loss on meta: allocates what it allocates (gradients
+    computed in forward and kept, one chunk buffer) and runs its matmuls, so LiveBytes and the
+    FLOP counter see what the kernel costs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk_rows):
+        n, k = hidden.shape
+        c = weight.shape[0]
+        loss_rows = hidden.new_empty(n, dtype=torch.float32)
+        scale = hidden.new_empty(n, dtype=torch.float32)
+        dh = torch.empty_like(hidden)
+        dw = hidden.new_zeros(c, k, dtype=torch.float32)
+        db = hidden.new_zeros(c, dtype=torch.float32)
+        buf = hidden.new_empty(min(chunk_rows, n), c)
+        for s in range(0, n, chunk_rows):
+            e = min(s + chunk_rows, n)
+            p = buf[: e - s]
+            torch.mm(hidden[s:e], weight.t(), out=p)
+            torch.mm(p, weight, out=dh[s:e])
+            dw.add_(torch.mm(p.t(), hidden[s:e]))
+            db.add_(p.sum(0, dtype=torch.float32))
+        ctx.grads = (dh, dw, db)
+        del scale, buf
+        return loss_rows.sum() / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw, db = ctx.grads
+        ctx.grads = None
+        return dh, dw.to(dh.dtype), db.to(dh.dtype), None, None
+
+
+def make_loss_fn(recipe: Recipe, backend: str):
+    """``loss_fn(hidden, linear, target)`` as the trainer's ``FusedLinearDistill`` computes it,
+    runnable on meta: the eager reference, or the fused kernel's allocations."""
+    from ..losses import fused_linear_distill as reference
+
+    lo = recipe.loss
+    if backend == "triton":
+        from ..kernels.linear_distill import default_chunk_rows
+
+        def fused(hidden, linear, target):
+            w = linear.weight.to(hidden.dtype)
+            b = linear.bias.to(hidden.dtype)
+            rows = default_chunk_rows(hidden.shape[0], w.shape[0])
+            return _FusedKernelMemory.apply(hidden, w, b, target, rows)
+
+        return fused
+
+    def eager(hidden, linear, target):
+        # the reference's own body: its autocast(enabled=False) guard refuses the meta device, and
+        # on meta there is no autocast to turn off
+        w = linear.weight.to(hidden.dtype)
+        b = linear.bias.to(hidden.dtype)
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        return reference._reduce(hidden, w, b, target, None, lo.alpha, lo.beta, lo.distance, "mean", compute)
+
+    return eager
+
+
+def _measure_step(model, recipe: Recipe, specs, batch: int, autocast, loss_fn) -> Tuple[Dict[str, int], float]:
+    size = recipe.data.image_size
+    images = torch.empty(batch, 3, size, size, device=META)
+    targets = {n: Features(torch.empty(batch, s.global_dim, device=META),
+                           torch.empty(batch, s.dense_dim, *s.grid, device=META)) for n, s in specs.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # accumulation: the gradients exist already (counted with the engine state)
+        p.grad = torch.zeros_like(p)
+    live, flops = LiveBytes(), FlopCounterMode(display=False)
+    lo = recipe.loss
+    with flops, live:
+        with emulate_device(autocast):
+            feats = model.student(images)
+            at_student = live.current
+            hidden = {}
+            for name, heads in model.heads.items():
+                hidden[name] = (heads.global_.trunk(feats.global_), heads.dense.trunk(dense_rows(feats.dense, heads.grid)))
+            at_heads = live.current
+        total = 0
+        for t in recipe.teachers:  # outside the emulation: the loss computes in fp32, autocast off
+            heads, target = model.heads[t.name], targets[t.name]
+            g = loss_fn(hidden[t.name][0], heads.global_.out, target.global_)
+            d = loss_fn(hidden[t.name][1], heads.dense.out, dense_rows(target.dense, heads.grid))
+            total = total + recipe.teacher_weight(t) * (lo.global_weight * g + lo.dense_weight * d)
+        del hidden, feats
+        at_loss = live.current
+        forward_peak = live.peak
+        live.reset_peak()
+        with emulate_device(autocast):  # checkpointed segments recompute here
+            (total / recipe.train.grad_accum).backward()
+        peak = max(forward_peak, live.peak)
+    for p in trainable:
+        p.grad = None
+    parts = {"student": at_student, "heads": at_heads - at_student, "loss": at_loss - at_heads,
+             "working": peak - at_loss}
+    return parts, flops.get_total_flops() / batch
+
+
+def _measure_forward(fn, image_size: int, batch: int, autocast) -> Tuple[int, float]:
+    images = torch.empty(batch, 3, image_size, image_size, device=META)
+    live, flops = LiveBytes(), FlopCounterMode(display=False)
+    with torch.no_grad(), flops, live, emulate_device(autocast):
+        fn(images)
+    return live.peak, flops.get_total_flops() / batch
+
+
+def _affine(measure: Callable[[int], Tuple[Dict[str, int], float]]) -> Tuple[Dict[str, Affine], float]:
+    points = {b: measure(b) for b in PROBE_BATCHES}
+    keys = points[PROBE_BATCHES[0]][0]
+    return ({k: Affine.through({b: points[b][0][k] for b in PROBE_BATCHES}) for k in keys},
+            points[PROBE_BATCHES[-1]][1])
+
+
+def resolve_loss_backend(recipe: Recipe, device_type: str) -> str:
+    """The backend ``FusedLinearDistill`` will pick: ``auto`` is the kernel on CUDA when Triton imports."""
+    from ..kernels import _triton_import_error
+
+    kernels = recipe.loss.kernels
+    if kernels == "auto":
+        return "triton" if device_type == "cuda" and _triton_import_error() is None else "torch"
+    return kernels
+
+
+def profile_recipe(recipe: Recipe, device_type: str, engine: str) -> RecipeProfile:
+    """Measure ``recipe``'s models on meta for ``device_type`` and ``engine`` (see the module docstring)."""
+    notes: List[str] = []
+    model, teachers = build_meta_models(recipe, notes)
+    model.train()
+    bf16 = device_type == "cuda" and recipe.train.bf16
+    autocast = torch.bfloat16 if bf16 else None
+    if engine == "deepspeed" and bf16:  # DeepSpeed casts the modules it manages
+        model.student.to(torch.bfloat16)
+        model.heads.to(torch.bfloat16)
+    for t in teachers.values():
+        t.eval()
+        if bf16:
+            t.to(torch.bfloat16)
+    backend = resolve_loss_backend(recipe, device_type)
+    loss_fn = make_loss_fn(recipe, backend)
+    specs = model.specs
+    student_params = list(model.student.parameters())
+    frozen = [p for p in student_params if not p.requires_grad] + [b for b in model.student.buffers()]
+    layer_sizes = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.student.modules()]
+    prof = RecipeProfile(
+        device_type=device_type, engine=engine, bf16=bf16, loss_backend=backend,
+        trainable=[p.numel() for p in student_params if p.requires_grad],
+        heads=[p.numel() for p in model.heads.parameters()],
+        frozen_numel=sum(t.numel() for t in frozen if t.is_floating_point()),
+        frozen_fixed_bytes=sum(t.numel() * t.element_size() for t in frozen if not t.is_floating_point()),
+        largest_layer=max(layer_sizes + [max(prof_sizes(model.heads), default=0)]),
+        normaliser_bytes=_normaliser_bytes(model, recipe),
+        teachers=[], notes=notes)
+    from_cache = recipe.teachers_from == "cache"
+    for t in recipe.teachers:
+        spec = specs[t.name]
+        target = spec.global_dim + spec.dense_dim * spec.grid[0] * spec.grid[1]
+        if t.name in teachers:
+            teacher = teachers[t.name]
+            outside, blocks = teacher_weights(teacher)
+            fn = teacher
+        else:
+            outside, blocks = Weights(), []
+            fn = model.student.base_features
+        if from_cache:
+            prof.teachers.append(TeacherProfile(t.name, Weights(), [], Affine(), target, 0.0, t.name not in teachers))
+            continue
+        points = {b: _measure_forward(fn, recipe.data.image_size, b, autocast) for b in PROBE_BATCHES}
+        forward = Affine.through({b: v[0] for b, v in points.items()})
+        prof.teachers.append(TeacherProfile(t.name, outside, blocks, forward, target, points[PROBE_BATCHES[-1]][1],
+                                            is_student=t.name not in teachers))
+    if from_cache:
+        notes.append("teachers_from: cache: no teacher runs; targets come from the cache")
+    prof.steps = {ckpt: None for ckpt in (False, True)}
+    prof._measure = lambda ckpt: _step_profile(model, recipe, specs, ckpt, autocast, loss_fn)  # lazily, per setting
+    return prof
+
+
+def prof_sizes(module: nn.Module) -> List[int]:
+    return [sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()]
+
+
+def step_profile(prof: RecipeProfile, checkpointing: bool) -> StepProfile:
+    """The micro-step measurement for one checkpointing setting (measured on first use)."""
+    if prof.steps.get(checkpointing) is None:
+        prof.steps[checkpointing] = prof._measure(checkpointing)
+    return prof.steps[checkpointing]
+
+
+def _step_profile(model, recipe, specs, checkpointing: bool, autocast, loss_fn) -> StepProfile:
+    model.student.body.set_grad_checkpointing(checkpointing)
+    parts, flops = _affine(lambda b: _measure_step(model, recipe, specs, b, autocast, loss_fn))
+    return StepProfile(parts["student"], parts["heads"], parts["loss"], parts["working"], flops)
+
+
+def _normaliser_bytes(model, recipe: Recipe) -> int:
+    """Normaliser buffers (fp32: mean, transform, inverse), plus the float64 calibration
+    statistics (C x C scatter, mean, count) that ``fit`` leaves in place after a live calibration."""
+    total = 0
+    for mods in (model.norm_global, model.norm_dense):
+        for norm in mods.values():
+            total += sum(b.numel() * b.element_size() for b in norm.buffers())
+            if recipe.teachers_from == "live":
+                c = norm.channels
+                total += 8 * (c * c + c + 1)
+    return total
+
+
+__all__ = ["Affine", "PlanError", "RecipeProfile", "StepProfile", "TeacherProfile", "block_list", "build_meta_models",
+           "fused_loss_bytes", "profile_recipe", "resolve_loss_backend", "step_profile", "teacher_weights"]
