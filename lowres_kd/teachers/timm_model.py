@@ -66,6 +66,9 @@ class TimmFamily:
         return TimmTeacher(model, cfg.weights, cfg.input_size or self.input_size, cfg.layer, family=self, name=cfg.name)
 
 
+TIMM = TimmFamily("timm")
+
+
 def hub_state(model: str, family: str, name: str) -> Dict[str, torch.Tensor]:
     """The pretrained weights of a timm model through timm's own download (cache first)."""
     import timm
@@ -105,10 +108,13 @@ def load_checkpoint(net: nn.Module, state: Dict[str, torch.Tensor], source: str,
 
 class TimmTeacher(Teacher):
     def __init__(self, model: str, weights: str = "none", input_size: int = 0, layer="last",
-                 family: TimmFamily = TimmFamily("timm"), name: str = ""):
+                 family: TimmFamily = TIMM, name: str = ""):
         super().__init__()
         import timm
 
+        if weights == "shipped":
+            raise ValueError(f"teacher {name!r}: no weights ship with the {family.name} family; use 'hub' "
+                             "(online), a local .safetensors / .pt file, or 'none'")
         kwargs = {"num_classes": 0}
         if input_size:
             kwargs["img_size"] = input_size
@@ -117,9 +123,6 @@ class TimmTeacher(Teacher):
         except TypeError:  # models without img_size (CNNs) take any size
             kwargs.pop("img_size", None)
             self.net = timm.create_model(model, **kwargs)
-        if weights == "shipped":
-            raise ValueError(f"teacher {name!r}: no weights ship with the {family.name} family; use 'hub' "
-                             "(online), a local .safetensors / .pt file, or 'none'")
         if weights != "none":
             state = hub_state(model, family.name, name) if weights == "hub" else load_state_dict(weights)
             load_checkpoint(self.net, state, "the hub weights" if weights == "hub" else weights, family.adapt_state)
@@ -159,9 +162,6 @@ class TimmTeacher(Teacher):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.net.set_grad_checkpointing(enable)
-
-
-TIMM = TimmFamily("timm")
 
 
 @TEACHERS.register("timm")

@@ -61,7 +61,7 @@ def test_teacher_errors_and_all_problems_at_once(tmp_path):
 def test_base_must_be_a_family_that_can_be_the_student(tmp_path):
     data = tiny_recipe_dict(tmp_path)
     data["teachers"][0]["base"], data["teachers"][2]["base"] = False, True
-    assert "teachers[2].family: 'hed' is not allowed; a family that can be the student's base: mobilenet_v2, timm" \
+    assert "teachers[2].family: 'hed' is not allowed; a family that can be the student's base: clip, dinov2, mobilenet_v2, sam, timm" \
         in _errors(data)
 
 

@@ -181,7 +181,8 @@ def test_shipped_cnn_teachers_are_mostly_convolutions(shipped, family, name, bit
 
 
 RANDOM = {"mobilenet_v2": dict(input_size=48), "efficientnet_lite0": dict(input_size=48), "hed": dict(input_size=32),
-          "timm": dict(model=VIT, input_size=32)}
+          "timm": dict(model=VIT, input_size=32), "dinov2": dict(model="vit_small_patch14_dinov2", input_size=28),
+          "clip": dict(model="vit_xsmall_patch16_clip_224", input_size=32), "sam": dict(model="samvit_base_patch16", input_size=32)}
 
 
 @needs_bnb

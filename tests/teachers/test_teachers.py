@@ -18,6 +18,9 @@ RANDOM = {
     "efficientnet_lite0": dict(input_size=64),
     "hed": dict(input_size=48),
     "timm": dict(model="vit_tiny_patch16_224", input_size=64),
+    "dinov2": dict(model="vit_small_patch14_dinov2", input_size=56),
+    "clip": dict(model="vit_xsmall_patch16_clip_224", input_size=64),
+    "sam": dict(model="samvit_base_patch16", input_size=64),
 }
 
 
