@@ -303,8 +303,11 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
         need(t.weight is None or t.weight >= 0, f"{k}.weight", "a weight >= 0 or null (1/T)", t.weight)
         need(t.layer == "last" or isinstance(t.layer, int) and t.layer >= 0, f"{k}.layer", "'last' or a block index >= 0",
              t.layer)
-        need(not (t.family == "timm" and t.weights == "shipped"), f"{k}.weights",
-             "hub, none or a file for the timm family (no weights ship with it)", t.weights)
+        if t.family in choices["teacher.family"]:
+            from .teachers import ships_weights
+
+            need(not (t.weights == "shipped" and not ships_weights(t.family)), f"{k}.weights",
+                 f"hub, none or a file for the {t.family} family (no weights ship with it)", t.weights)
         need(t.bits in (16, 8, 4), f"{k}.bits", "16, 8 or 4", t.bits)
         need(0 <= t.min_fidelity <= 1, f"{k}.min_fidelity", "a cosine in [0, 1]", t.min_fidelity)
         if t.base and t.family in choices["teacher.family"]:
@@ -337,6 +340,12 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
 
         bases = [f for f in TEACHERS.list() if can_be_student(f)]
         need(s.family in bases, "student.family", f"'' or a family that can be the student: {', '.join(bases)}", s.family)
+    family = s.family or next((t.family for t in r.teachers if t.base), "")
+    if s.weights == "shipped" and family in choices["teacher.family"]:
+        from .teachers import ships_weights
+
+        need(ships_weights(family), "student.weights", f"hub, none or a file for the {family} family "
+             "(no weights ship with it)", s.weights)
     if s.weights not in ("", "shipped", "hub", "none") and not Path(s.weights).is_file():
         errors.append(f"student.weights: file not found: {s.weights} (or use '' | shipped | hub | none)")
     ds = r.deepspeed

@@ -118,20 +118,32 @@ def rotate(run_dir: Path, keep_last: int) -> None:
 
 
 def optimizer_to_tensors(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into flat tensors and JSON-able groups."""
+    """Split ``optimizer.state_dict()`` into flat tensors and JSON-able groups. Nested slot
+    dicts (bitsandbytes keeps its quantization state in one) flatten to ``idx.key/sub`` names."""
     tensors, scalars = {}, {}
+
+    def put(name: str, value) -> None:
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                put(f"{name}/{sub}", v)
+        elif torch.is_tensor(value):
+            tensors[name] = value
+        else:
+            scalars[name] = value
+
     for idx, slots in state["state"].items():
         for key, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
+            put(f"{idx}.{key}", value)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
     state: Dict[int, dict] = {}
     for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        idx, path = flat.split(".", 1)
+        node = state.setdefault(int(idx), {})
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return {"state": state, "param_groups": meta["param_groups"]}

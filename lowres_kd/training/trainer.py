@@ -134,8 +134,10 @@ def student_backbone_config(recipe: Recipe, with_weights: bool = True) -> Teache
     """The student backbone as a teacher entry: the base teacher's, with ``student.family``,
     ``student.model`` and ``student.weights`` in their place where set."""
     base, s = recipe.base_teacher, recipe.student
+    same_family = s.family in ("", base.family)
     weights = (s.weights or base.weights) if with_weights else "none"
-    return TeacherConfig(**{**base.__dict__, "family": s.family or base.family, "model": s.model or base.model,
+    model = s.model or (base.model if same_family else "")  # another family: its own default model
+    return TeacherConfig(**{**base.__dict__, "family": s.family or base.family, "model": model,
                             "weights": weights, "bits": 16, "offload": False})
 
 

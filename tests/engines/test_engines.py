@@ -5,6 +5,7 @@ DeepSpeed compiles its communication op on first use (about 30 s here) and its C
 the offload test (1-2 min); both are cached in ~/.cache/torch_extensions afterwards.
 """
 import csv
+import json
 
 import pytest
 import torch
@@ -169,3 +170,12 @@ def test_adamw8bit_keeps_8bit_moments(tiny_recipe):
     state = eng.optimizer.state[model.weight]
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
     assert not torch.equal(model.weight, before)
+    # its nested quantization state survives a checkpoint round trip (safetensors + JSON)
+    tensors, meta = ckpt.optimizer_to_tensors(eng.optimizer.state_dict())
+    json.dumps(meta)
+    restored = ckpt.optimizer_from_tensors(tensors, json.loads(json.dumps(meta)))
+    fresh = ENGINES.get("torch")(recipe, model, torch.device("cpu"), DistEnv(), False)
+    fresh.optimizer.load_state_dict(restored)
+    again = fresh.optimizer.state[model.weight]
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(again[key], state[key]), key
