@@ -23,7 +23,15 @@ COMPLETE = "state.json"  # written last: its presence marks an intact checkpoint
 
 
 def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """CPU, contiguous, and one storage per name: safetensors refuses shared memory (bitsandbytes
+    shares one quantization map among all its parameters' states)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out
 
 
 def _fsync(path: Path) -> None:

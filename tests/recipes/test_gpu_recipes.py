@@ -1,0 +1,81 @@
+"""The 8 / 12 / 24 GB recipes: they validate, fit their budget by the planner's estimate with the
+settings as written, say in their comments what the planner says, and build with local weights."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowres_kd.config import load_recipe
+from lowres_kd.planner import plan_recipe
+from lowres_kd.units import parse_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes").glob("vitb_dinov2_clip_sam_*gb.yaml"))
+EXPECTED = re.compile(r"GPU peak ([0-9.]+) GiB .* CPU memory ([0-9.]+) GiB.*about ([0-9]+) images/s", re.S)
+
+
+def test_three_budgets_exist():
+    assert [p.name for p in RECIPES] == [f"vitb_dinov2_clip_sam_{gb}gb.yaml" for gb in (12, 24, 8)]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_fits_its_budget_as_written_and_says_so(path):
+    recipe = load_recipe(path)
+    budget = parse_bytes(recipe.plan.gpu_mem)
+    assert recipe.plan.gpu_mem.rstrip("GB") in path.stem
+    plan = plan_recipe(recipe, budget, world_size=1, device_type="cuda")
+    assert plan.fits and plan.changes == {}, plan.table()
+    assert plan.device_total_bytes <= budget
+    # the students and teachers the issue asks for
+    assert recipe.student.mode == "full" and recipe.student.model.startswith("vit_base_patch14_dinov2")
+    assert [(t.family, t.base) for t in recipe.teachers] == [("dinov2", True), ("clip", False), ("sam", False)]
+    # the comment at the top quotes the planner (regenerate it when the planner changes)
+    found = EXPECTED.search(path.read_text())
+    assert found, "the recipe's comment must quote the planner's GPU peak, CPU memory and images/s"
+    gpu, cpu, ips = float(found.group(1)), float(found.group(2)), int(found.group(3))
+    assert gpu == pytest.approx(plan.device_total_bytes / 2**30, abs=0.02)
+    assert cpu == pytest.approx(plan.cpu_total_bytes / 2**30, abs=0.02)
+    assert ips == pytest.approx(plan.images_per_s, abs=1.0)
+
+
+def test_smaller_budgets_trade_speed_for_memory():
+    recipes = {gb: load_recipe(REPO / "recipes" / f"vitb_dinov2_clip_sam_{gb}gb.yaml") for gb in (8, 12, 24)}
+    assert recipes[24].student.grad_checkpointing is False and recipes[8].student.grad_checkpointing is True
+    assert recipes[24].teachers[0].bits == 16 and recipes[12].teachers[0].bits == 8
+    assert recipes[8].teachers[0].offload and recipes[8].deepspeed.offload_optimizer == "cpu"
+    effective = {gb: r.train.batch_size * r.train.grad_accum for gb, r in recipes.items()}
+    assert len(set(effective.values())) == 1, effective  # the same optimisation problem on every card
+
+
+@pytest.mark.slow
+def test_twelve_gb_recipe_builds_from_local_random_weights(tmp_path):
+    """DINOv2-L, CLIP-L, SAM-B and the DINOv2 ViT-B student from files, as offline users run it."""
+    import timm
+    from safetensors.torch import save_file
+
+    from lowres_kd.training.trainer import build_student_and_teachers
+
+    files = {}
+    for key, model, kwargs in (("dinov2", "vit_large_patch14_dinov2", {"img_size": 224}),
+                               ("clip", "vit_large_patch14_clip_224", {}),
+                               ("sam", "samvit_base_patch16", {"img_size": 512}),
+                               ("student", "vit_base_patch14_dinov2", {"img_size": 224})):
+        net = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+        files[key] = tmp_path / f"{key}.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(files[key]))
+        if key == "student":
+            student_state = net.state_dict()
+        del net
+    overrides = [f"teachers.{i}.weights={files[k]}" for i, k in enumerate(("dinov2", "clip", "sam"))]
+    recipe = load_recipe(REPO / "recipes" / "vitb_dinov2_clip_sam_12gb.yaml",
+                         overrides + [f"student.weights={files['student']}", f"output_dir={tmp_path}/run"])
+    student, teachers = build_student_and_teachers(recipe)
+    assert set(teachers) == {"dinov2", "clip", "sam"}  # full mode: the base stays a frozen teacher
+    specs = {n: (t.spec.grid, t.spec.global_dim, t.spec.dense_dim) for n, t in teachers.items()}
+    assert specs == {"dinov2": ((16, 16), 1024, 1024), "clip": ((16, 16), 1024, 1024), "sam": ((32, 32), 256, 256)}
+    body = student.body.net
+    assert sum(p.numel() for p in body.parameters()) == pytest.approx(86.6e6, rel=0.01)  # a ViT-B/14
+    for k, v in student_state.items():
+        assert torch.equal(body.state_dict()[k], v), k
+    assert all(not p.requires_grad for t in teachers.values() for p in t.parameters())
