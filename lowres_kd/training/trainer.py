@@ -66,7 +66,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.keep_last",
 
 
 def out_of_memory_advice(recipe: Recipe, device: torch.device) -> str:
-    """What to change after an out-of-memory step (until the planner of DESIGN §3 exists)."""
+    """What to change after an out-of-memory step: the cheapest fixes, then the planner."""
     t, s = recipe.train, recipe.student
     tips = []
     if t.batch_size > 1:
@@ -75,6 +75,9 @@ def out_of_memory_advice(recipe: Recipe, device: torch.device) -> str:
     if not s.grad_checkpointing:
         tips.append("--set student.grad_checkpointing=true")
     tips.append(f"a smaller data.image_size (now {recipe.data.image_size})")
+    if recipe.memory != "auto":
+        tips.append("--set memory=auto (the planner picks batch, checkpointing, bits and offload; "
+                    "`lowres-kd plan RECIPE --gpu-mem SIZE` shows its table)")
     return f"out of memory on {device} at train.batch_size={t.batch_size}; try: " + "; or ".join(tips)
 
 

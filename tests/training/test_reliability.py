@@ -134,6 +134,7 @@ def test_out_of_memory_stops_with_advice_and_an_intact_checkpoint(tmp_path, monk
     message = str(info.value)
     assert "--set train.batch_size=2 --set train.grad_accum=2" in message
     assert "student.grad_checkpointing=true" in message and "step_0000001" in message
+    assert "--set memory=auto" in message  # the planner as the last resort
     assert RunLock(recipe.run_dir).acquire().took_over is None  # released on the error
     lowres_kd.load(ckpt.latest_checkpoint(recipe.run_dir))  # intact
 
