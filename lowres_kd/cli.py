@@ -63,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
     _add_recipe_args(p)
 
+    p = sub.add_parser("plan", help="estimate GPU memory per component and pick settings that fit",
+                       description="Measures the recipe's models on the meta device (no weights loaded, no GPU "
+                                   "needed), prints the memory of each component on one GPU (teachers, student "
+                                   "state under the engine, activations, heads, loss buffers, reserve) and the "
+                                   "changes that make it fit: micro-batch + accumulation, checkpointing, teacher "
+                                   "bits and offload, ZeRO stage and offload, 8-bit AdamW. Exit code 1 when "
+                                   "nothing fits.")
+    _add_recipe_args(p)
+    p.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                   help="memory of one GPU, e.g. 12GiB or 8GB (default: the recipe's plan.gpu_mem, else this "
+                        "machine's GPU; with --device cpu its RAM)")
+    p.add_argument("--world-size", type=int, default=1, metavar="N", help="GPUs the run is spread over (ZeRO partitions)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="the device type to plan for")
+    p.add_argument("--gpu-tflops", type=float, default=None, metavar="T",
+                   help="peak dense TFLOPS assumed for the images/s estimate (cuda default 100, cpu 0.2)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the Markdown table")
+
     p = sub.add_parser("list", help="list registered teachers, normalisers, distances and probes")
     p.add_argument("--pattern", default="*", help="glob to filter names")
     return parser
@@ -105,6 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "list":
             return _list(args.pattern)
+        if args.command == "plan":
+            return _plan(args, load_recipe(args.recipe, args.overrides))
     except (RecipeError, FileNotFoundError, FileExistsError, StaleCacheError, ResumeMismatch, NotImplementedError) as exc:
         print(f"lowres-kd: error: {exc}", file=sys.stderr)
         return 2
@@ -133,6 +152,38 @@ def _train(args, recipe) -> int:
         run_probes(recipe.run_dir, device=recipe.train.device, progress=not args.no_progress)
         print((recipe.run_dir / "report.md").read_text())
     return 0
+
+
+def _plan(args, recipe) -> int:
+    import json
+
+    import torch
+
+    from .config import RecipeError
+    from .planner import PlanError, plan_recipe
+    from .training.trainer import memory_budget
+    from .units import parse_bytes
+
+    if args.gpu_mem:
+        try:
+            budget = parse_bytes(args.gpu_mem)
+        except ValueError as exc:
+            raise RecipeError(f"--gpu-mem: {exc}") from None
+    elif args.device == "cuda" and not recipe.plan.gpu_mem and not torch.cuda.is_available():
+        raise RecipeError("no GPU here to read its memory from: give --gpu-mem (e.g. --gpu-mem 12GiB) or set plan.gpu_mem")
+    else:  # plan.gpu_mem, else the device's memory, as training with memory: auto reads it
+        budget = memory_budget(recipe, torch.device(args.device))
+    if args.world_size < 1:
+        raise RecipeError(f"--world-size: expected an integer >= 1, got {args.world_size}")
+    try:
+        plan = plan_recipe(recipe, budget, world_size=args.world_size, device_type=args.device, tflops=args.gpu_tflops)
+    except PlanError as exc:
+        print(f"lowres-kd: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())
+    if not plan.fits:
+        print(f"lowres-kd: {plan.error}", file=sys.stderr)
+    return 0 if plan.fits else 1
 
 
 def _list(pattern: str) -> int:

@@ -107,11 +107,15 @@ def engine_state(trainable: Sequence[int], frozen_numel: int, largest_layer: int
     (8 bytes a parameter; 8-bit AdamW about 2); with several ranks one flat fp32 copy of all
     gradients for the all-reduce. DeepSpeed: bf16 parameters and gradients (fp32 without bf16), and
     per trainable parameter an fp32 master copy (bf16 only) and the moments; ZeRO partitions over
-    the ranks stage 1: optimizer state, 2: + gradients, 3: + parameters (frozen ones too). At
-    stages 0-1 with bf16 DeepSpeed's bf16 optimizer also keeps fp32 gradients of every trainable
-    parameter. ``offload_optimizer``: master copy, moments (and at stages 2-3 the fp32 gradient
-    partition) in CPU memory; ``offload_param`` (stage 3): parameters in CPU memory, with only the
-    gathered working set (the prefetch bucket plus the largest layer) on the device.
+    the ranks stage 1: optimizer state, 2: + gradients, 3: + parameters (frozen ones too).
+    ``offload_optimizer``: master copy, moments and the fp32 gradient partition in CPU memory;
+    ``offload_param`` (stage 3): parameters in CPU memory, with only the gathered working set (the
+    prefetch bucket plus the largest layer) on the device. DeepSpeed's own buffers, as its 0.19
+    source allocates them (read, not measured here): at stages 0-1 with bf16 and no offload its
+    BF16_Optimizer keeps fp32 gradients of every trainable parameter and no bucket; otherwise
+    ZeRO reduces gradients through a bucket of ``reduce_bucket`` elements (fp32 at stage 1, the
+    parameter dtype from stage 2; two with ``overlap_comm``), allocated whatever the model's size;
+    ZeRO-3 with several ranks adds the gathered working set.
     """
     p = sum(trainable)
     w = max(1, s.world_size)
@@ -138,7 +142,8 @@ def engine_state(trainable: Sequence[int], frozen_numel: int, largest_layer: int
     grads_div = w if stage >= 2 else 1
     grads = lp * p // grads_div
     grads_note = dtype + (f" / {w} ranks" if grads_div > 1 else "")
-    if s.bf16 and stage <= 1:
+    bf16_optimizer = s.bf16 and stage <= 1 and not s.offload_optimizer  # DeepSpeed's BF16_Optimizer
+    if bf16_optimizer:
         grads += 4 * p
         grads_note += " + fp32 accumulation"
     opt = ((4 * p if s.bf16 else 0) + moments) // (w if stage >= 1 else 1)
@@ -146,27 +151,15 @@ def engine_state(trainable: Sequence[int], frozen_numel: int, largest_layer: int
     grads_cpu = 0
     if s.offload_optimizer:
         opt_row = (0, opt, opt_note + ", in CPU memory")
-        if stage >= 2:
-            grads_cpu = 4 * p // w
-            grads_note += " (fp32 partition in CPU memory)"
+        grads_cpu = 4 * p // w
+        grads_note += " (fp32 partition in CPU memory)"
     else:
         opt_row = (opt, 0, opt_note)
     buckets = 0
-    if stage >= 2:
-        buckets = lp * s.reduce_bucket * (2 if s.overlap_comm else 1)
+    if stage >= 1 and not bf16_optimizer:  # DeepSpeedZeroOptimizer / stage 3 reduce through a bucket
+        buckets = (4 if stage == 1 else lp) * s.reduce_bucket * (2 if s.overlap_comm else 1)
     if stage >= 3 and not s.offload_param and w > 1:
         buckets += lp * min(p + frozen_numel, s.prefetch_bucket + largest_layer)
     return {"params": param_row, "frozen": frozen_row, "grads": (grads, grads_cpu, grads_note), "optimizer": opt_row,
             "buffers": (buckets, 0, f"reduction bucket{'s' if s.overlap_comm else ''}" if buckets else "none")}
 
-
-def fused_loss_bytes(rows: int, in_features: int, out_features: int, dtype_bytes: int, chunk_rows: int) -> Tuple[int, int]:
-    """(kept from forward to backward, transient) bytes of one call of the fused Triton head loss
-    (``lowres_kd/kernels/linear_distill.py``): it keeps the gradients it computes in forward, dH
-    (rows x K, input dtype), dW (C x K) and db (C) in fp32, plus per-row fp32 losses and scales;
-    the projection exists only as one (chunk_rows x C) buffer in the input dtype."""
-    kept = rows * in_features * dtype_bytes + 4 * out_features * (in_features + 1) + 8 * rows
-    transient = min(chunk_rows, rows) * out_features * dtype_bytes
-    if dtype_bytes != 4:
-        transient += out_features * in_features * dtype_bytes  # dW's chunk product before the fp32 add
-    return kept, transient

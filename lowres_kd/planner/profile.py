@@ -8,11 +8,16 @@ real architectures, no memory, no weight files. From them it reads
   adapter mode), each teacher split into its offload blocks and its quantizable linears;
 - activation bytes of one training micro-step (``memtrack.LiveBytes``), with and without
   gradient checkpointing: what the student's forward keeps for backward, what the heads keep,
-  what the loss keeps, and the working memory above that at the step's peak; measured at two
-  batch sizes and extended linearly (``Affine``);
+  what the loss keeps, the working memory above that at the step's peak, and how many parameter
+  gradients exist at that peak when the backward makes them (the step's first micro-batch);
 - each teacher's ``no_grad`` forward peak (the largest live set during its forward, output
-  included), also as an ``Affine`` in the batch;
-- FLOPs per image (``torch.utils.flop_counter``) of the step and of the teachers.
+  included);
+- FLOPs per image of the step and of the teachers (``torch.utils.flop_counter``'s formulas).
+
+Steps and teacher forwards are measured at each micro-batch size the planner asks about, once
+(cached): what is kept grows linearly with the batch, but where the peak falls does not (with few
+images the end of backward, where every gradient exists, can be the peak; with many, its start),
+so two sizes extended linearly missed by up to 70 % in ``benchmarks/check_planner.py``.
 
 On CUDA the step runs under the emulated bf16 autocast of ``memtrack.emulate_device``, the
 DeepSpeed engine's student and heads in bf16 (DeepSpeed casts them), and the teachers in bf16.
@@ -22,21 +27,21 @@ moved to ``meta`` for the measurements (``notes`` says so).
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Recipe
 from ..heads import dense_rows
 from ..teachers import Features, Teacher, build_teacher
-from .arithmetic import Weights, fused_loss_bytes
+from .arithmetic import Weights
 from .memtrack import LiveBytes, emulate_device
 
 META = torch.device("meta")
-PROBE_BATCHES = (2, 4)  # micro-batch sizes measured; activations are affine in the batch
 
 
 class PlanError(RuntimeError):
@@ -44,43 +49,50 @@ class PlanError(RuntimeError):
 
 
 @dataclass
-class Affine:
-    """``bytes(batch) = fixed + per_image * batch``."""
-
-    fixed: float = 0.0
-    per_image: float = 0.0
-
-    def at(self, batch: int) -> int:
-        return max(0, int(round(self.fixed + self.per_image * batch)))
-
-    @classmethod
-    def through(cls, points: Dict[int, float]) -> "Affine":
-        (b1, v1), (b2, v2) = sorted(points.items())
-        per = (v2 - v1) / (b2 - b1)
-        return cls(v1 - per * b1, per)
-
-
-@dataclass
 class TeacherProfile:
     name: str
     outside: Weights  # what stays on the device when the teacher is offloaded
     blocks: List[Weights]  # the offload block list (lowres_kd.lowmem.enable_offload)
-    forward: Affine  # no_grad forward peak, output included
     target_numel: int  # per image: global + dense features
-    flops_per_image: float
     is_student: bool = False  # adapter mode's base: the student's own weights, adapter disabled
+    runs: bool = True  # False when the targets come from the cache
+    measure: Optional[Callable[[int], Tuple[int, float]]] = field(default=None, repr=False)
+    _forward: Dict[int, Tuple[int, float]] = field(default_factory=dict, repr=False)
+
+    def _at(self, batch: int) -> Tuple[int, float]:
+        if not self.runs:
+            return 0, 0.0
+        if batch not in self._forward:
+            self._forward[batch] = self.measure(batch)
+        return self._forward[batch]
+
+    def forward_peak(self, batch: int) -> int:
+        """Bytes of the ``no_grad`` forward's peak (output included) at this micro-batch."""
+        return self._at(batch)[0]
+
+    def flops_per_image(self, batch: int) -> float:
+        return self._at(batch)[1]
 
 
 @dataclass
 class StepProfile:
-    """One training micro-step: bytes alive at the end of each part of the forward, and the
-    working memory above all of them at the step's peak (forward or backward)."""
+    """One training micro-step at one micro-batch size: bytes alive at the end of each part of the
+    forward, and the working memory above all of them at the step's peak (forward or backward)."""
 
-    student: Affine
-    heads: Affine
-    loss: Affine
-    working: Affine
+    student: int
+    heads: int
+    loss: int
+    forward_working: int  # the forward's peak above what it keeps (loss temporaries, ...)
+    backward_working: int  # the backward's peak above what the forward kept, less the parameter gradients made
+    #                        by then (negative when the peak comes at the end, the activations freed)
+    grads_at_peak: int  # parameter gradients the backward has made by its peak, when it makes them
     flops_per_image: float
+
+    def working(self, fresh_grads: bool) -> int:
+        """Working memory at the step's peak; ``fresh_grads``: the gradients are made in this backward
+        (the step's first micro-batch, all of it when grad_accum is 1), so those made by the peak count."""
+        backward = self.backward_working + (self.grads_at_peak if fresh_grads else 0)
+        return max(0, self.forward_working, backward)
 
 
 @dataclass
@@ -96,8 +108,15 @@ class RecipeProfile:
     largest_layer: int  # most parameters in one module (ZeRO-3 gathers a layer at a time)
     normaliser_bytes: int
     teachers: List[TeacherProfile]
-    steps: Dict[bool, StepProfile] = field(default_factory=dict)  # by gradient checkpointing
     notes: List[str] = field(default_factory=list)
+    measure_step: Optional[Callable[[bool, int], StepProfile]] = field(default=None, repr=False)
+    _steps: Dict[Tuple[bool, int], StepProfile] = field(default_factory=dict, repr=False)
+
+    def step(self, checkpointing: bool, batch: int) -> StepProfile:
+        """The micro-step with or without gradient checkpointing at this micro-batch (measured once)."""
+        if (checkpointing, batch) not in self._steps:
+            self._steps[checkpointing, batch] = self.measure_step(checkpointing, batch)
+        return self._steps[checkpointing, batch]
 
 
 # ----------------------------------------------------------------------------- building
@@ -115,10 +134,12 @@ def _on_meta(what: str, build: Callable[[], nn.Module], notes: List[str]) -> nn.
 
 
 def _weights_of(module: nn.Module, skip: Tuple[nn.Module, ...] = ()) -> Weights:
-    """Quantizable linears (exactly ``nn.Linear``, as ``quantize_teacher`` swaps them) and the rest."""
+    """Quantizable linears (exactly ``nn.Linear``, as ``quantize_teacher`` swaps them) and the rest,
+    leaving out the subtrees in ``skip``."""
+    skipped = {id(m) for s in skip for m in s.modules()}
     w = Weights()
     for m in module.modules():
-        if any(m is s for s in skip):
+        if id(m) in skipped:
             continue
         own = [t for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
         if type(m) is nn.Linear:
@@ -205,7 +226,10 @@ class _FusedKernelMemory(torch.autograd.Function):
             p = buf[: e - s]
             torch.mm(hidden[s:e], weight.t(), out=p)
             torch.mm(p, weight, out=dh[s:e])
-            dw.add_(torch.mm(p.t(), hidden[s:e]))
+            if p.dtype == torch.float32:
+                dw.addmm_(p.t(), hidden[s:e])
+            else:
+                dw.add_(torch.mm(p.t(), hidden[s:e]))
             db.add_(p.sum(0, dtype=torch.float32))
         ctx.grads = (dh, dw, db)
         del scale, buf
@@ -252,51 +276,46 @@ def _measure_step(model, recipe: Recipe, specs, batch: int, autocast, loss_fn) -
     targets = {n: Features(torch.empty(batch, s.global_dim, device=META),
                            torch.empty(batch, s.dense_dim, *s.grid, device=META)) for n, s in specs.items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:  # accumulation: the gradients exist already (counted with the engine state)
-        p.grad = torch.zeros_like(p)
-    live, flops = LiveBytes(), FlopCounterMode(display=False)
+    live = LiveBytes()
     lo = recipe.loss
-    with flops, live:
+    with live:
         with emulate_device(autocast):
+            live.phase = "student"
             feats = model.student(images)
-            at_student = live.current
+            live.phase = "heads"
             hidden = {}
             for name, heads in model.heads.items():
                 hidden[name] = (heads.global_.trunk(feats.global_), heads.dense.trunk(dense_rows(feats.dense, heads.grid)))
-            at_heads = live.current
+        live.phase = "loss"
         total = 0
         for t in recipe.teachers:  # outside the emulation: the loss computes in fp32, autocast off
             heads, target = model.heads[t.name], targets[t.name]
             g = loss_fn(hidden[t.name][0], heads.global_.out, target.global_)
             d = loss_fn(hidden[t.name][1], heads.dense.out, dense_rows(target.dense, heads.grid))
             total = total + recipe.teacher_weight(t) * (lo.global_weight * g + lo.dense_weight * d)
-        del hidden, feats
-        at_loss = live.current
+        del hidden, feats, g, d
+        kept = live.by_phase()  # what the forward keeps for backward, by the part that made it
         forward_peak = live.peak
+        live.phase = "backward"
         live.reset_peak()
         with emulate_device(autocast):  # checkpointed segments recompute here
             (total / recipe.train.grad_accum).backward()
-        peak = max(forward_peak, live.peak)
+        grads = live.made_before_peak([p.grad for p in trainable if p.grad is not None])
     for p in trainable:
         p.grad = None
-    parts = {"student": at_student, "heads": at_heads - at_student, "loss": at_loss - at_heads,
-             "working": peak - at_loss}
-    return parts, flops.get_total_flops() / batch
+    parts = {k: kept.get(k, 0) for k in ("student", "heads", "loss")}
+    parts["forward_working"] = forward_peak - sum(kept.values())
+    parts["backward_working"] = live.peak - sum(kept.values()) - grads
+    parts["grads_at_peak"] = grads
+    return parts, live.flops / batch
 
 
 def _measure_forward(fn, image_size: int, batch: int, autocast) -> Tuple[int, float]:
     images = torch.empty(batch, 3, image_size, image_size, device=META)
-    live, flops = LiveBytes(), FlopCounterMode(display=False)
-    with torch.no_grad(), flops, live, emulate_device(autocast):
+    live = LiveBytes()
+    with torch.no_grad(), live, emulate_device(autocast):
         fn(images)
-    return live.peak, flops.get_total_flops() / batch
-
-
-def _affine(measure: Callable[[int], Tuple[Dict[str, int], float]]) -> Tuple[Dict[str, Affine], float]:
-    points = {b: measure(b) for b in PROBE_BATCHES}
-    keys = points[PROBE_BATCHES[0]][0]
-    return ({k: Affine.through({b: points[b][0][k] for b in PROBE_BATCHES}) for k in keys},
-            points[PROBE_BATCHES[-1]][1])
+    return live.peak, live.flops / batch
 
 
 def resolve_loss_backend(recipe: Recipe, device_type: str) -> str:
@@ -309,8 +328,40 @@ def resolve_loss_backend(recipe: Recipe, device_type: str) -> str:
     return kernels
 
 
+_CACHE: "OrderedDict[str, RecipeProfile]" = OrderedDict()
+_CACHE_SIZE = 4
+
+
+def _profile_key(recipe: Recipe, device_type: str, engine: str) -> str:
+    """The recipe without what the measurements do not depend on: the settings the planner changes
+    (batch, accumulation, checkpointing, teacher bits and offload, optimizer, ZeRO) and bookkeeping."""
+    d = recipe.to_dict()
+    for key in ("name", "output_dir", "memory", "optim", "deepspeed", "plan", "probe", "cache"):
+        d.pop(key)
+    d["train"] = {"bf16": d["train"]["bf16"]}
+    for key in ("grad_checkpointing", "weights"):
+        d["student"].pop(key)
+    for t in d["teachers"]:
+        for key in ("bits", "offload", "min_fidelity", "weight", "weights"):
+            t.pop(key)
+    return json.dumps([d, device_type, engine], sort_keys=True)
+
+
 def profile_recipe(recipe: Recipe, device_type: str, engine: str) -> RecipeProfile:
-    """Measure ``recipe``'s models on meta for ``device_type`` and ``engine`` (see the module docstring)."""
+    """Measure ``recipe``'s models on meta for ``device_type`` and ``engine`` (see the module
+    docstring). The last few profiles are kept: planning variants of one recipe measures once."""
+    key = _profile_key(recipe, device_type, engine)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    prof = _measure_recipe(recipe, device_type, engine)
+    _CACHE[key] = prof
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return prof
+
+
+def _measure_recipe(recipe: Recipe, device_type: str, engine: str) -> RecipeProfile:
     notes: List[str] = []
     model, teachers = build_meta_models(recipe, notes)
     model.train()
@@ -328,56 +379,39 @@ def profile_recipe(recipe: Recipe, device_type: str, engine: str) -> RecipeProfi
     specs = model.specs
     student_params = list(model.student.parameters())
     frozen = [p for p in student_params if not p.requires_grad] + [b for b in model.student.buffers()]
-    layer_sizes = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.student.modules()]
+    trained = nn.ModuleList([model.student, model.heads])
     prof = RecipeProfile(
         device_type=device_type, engine=engine, bf16=bf16, loss_backend=backend,
         trainable=[p.numel() for p in student_params if p.requires_grad],
         heads=[p.numel() for p in model.heads.parameters()],
         frozen_numel=sum(t.numel() for t in frozen if t.is_floating_point()),
         frozen_fixed_bytes=sum(t.numel() * t.element_size() for t in frozen if not t.is_floating_point()),
-        largest_layer=max(layer_sizes + [max(prof_sizes(model.heads), default=0)]),
+        largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in trained.modules()),
         normaliser_bytes=_normaliser_bytes(model, recipe),
-        teachers=[], notes=notes)
+        teachers=[], notes=notes,
+        measure_step=lambda ckpt, batch: _step_profile(model, recipe, specs, ckpt, batch, autocast, loss_fn))
     from_cache = recipe.teachers_from == "cache"
+    size = recipe.data.image_size
     for t in recipe.teachers:
         spec = specs[t.name]
         target = spec.global_dim + spec.dense_dim * spec.grid[0] * spec.grid[1]
-        if t.name in teachers:
-            teacher = teachers[t.name]
-            outside, blocks = teacher_weights(teacher)
-            fn = teacher
-        else:
+        if t.name in teachers and not from_cache:
+            outside, blocks = teacher_weights(teachers[t.name])
+        else:  # no teacher in memory: the cache holds the targets, or the student is the base
             outside, blocks = Weights(), []
-            fn = model.student.base_features
-        if from_cache:
-            prof.teachers.append(TeacherProfile(t.name, Weights(), [], Affine(), target, 0.0, t.name not in teachers))
-            continue
-        points = {b: _measure_forward(fn, recipe.data.image_size, b, autocast) for b in PROBE_BATCHES}
-        forward = Affine.through({b: v[0] for b, v in points.items()})
-        prof.teachers.append(TeacherProfile(t.name, outside, blocks, forward, target, points[PROBE_BATCHES[-1]][1],
-                                            is_student=t.name not in teachers))
+        fn = teachers[t.name] if t.name in teachers else model.student.base_features
+        prof.teachers.append(TeacherProfile(
+            t.name, outside, blocks, target, is_student=t.name not in teachers, runs=not from_cache,
+            measure=lambda b, fn=fn: _measure_forward(fn, size, b, autocast)))
     if from_cache:
         notes.append("teachers_from: cache: no teacher runs; targets come from the cache")
-    prof.steps = {ckpt: None for ckpt in (False, True)}
-    prof._measure = lambda ckpt: _step_profile(model, recipe, specs, ckpt, autocast, loss_fn)  # lazily, per setting
     return prof
 
 
-def prof_sizes(module: nn.Module) -> List[int]:
-    return [sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()]
-
-
-def step_profile(prof: RecipeProfile, checkpointing: bool) -> StepProfile:
-    """The micro-step measurement for one checkpointing setting (measured on first use)."""
-    if prof.steps.get(checkpointing) is None:
-        prof.steps[checkpointing] = prof._measure(checkpointing)
-    return prof.steps[checkpointing]
-
-
-def _step_profile(model, recipe, specs, checkpointing: bool, autocast, loss_fn) -> StepProfile:
+def _step_profile(model, recipe, specs, checkpointing: bool, batch: int, autocast, loss_fn) -> StepProfile:
     model.student.body.set_grad_checkpointing(checkpointing)
-    parts, flops = _affine(lambda b: _measure_step(model, recipe, specs, b, autocast, loss_fn))
-    return StepProfile(parts["student"], parts["heads"], parts["loss"], parts["working"], flops)
+    parts, flops = _measure_step(model, recipe, specs, batch, autocast, loss_fn)
+    return StepProfile(flops_per_image=flops, **parts)
 
 
 def _normaliser_bytes(model, recipe: Recipe) -> int:
@@ -393,5 +427,5 @@ def _normaliser_bytes(model, recipe: Recipe) -> int:
     return total
 
 
-__all__ = ["Affine", "PlanError", "RecipeProfile", "StepProfile", "TeacherProfile", "block_list", "build_meta_models",
-           "fused_loss_bytes", "profile_recipe", "resolve_loss_backend", "step_profile", "teacher_weights"]
+__all__ = ["PlanError", "RecipeProfile", "StepProfile", "TeacherProfile", "block_list", "build_meta_models",
+           "profile_recipe", "resolve_loss_backend", "teacher_weights"]
