@@ -133,6 +133,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
+def run_teacher(teacher: Teacher, images: torch.Tensor, dtype: Optional[torch.dtype]) -> Features:
+    """A teacher's features; with low-precision weights under autocast in that dtype (the calibration
+    pass runs outside the training step's autocast)."""
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return teacher(images)
+
+
 def student_backbone_config(recipe: Recipe, with_weights: bool = True) -> TeacherConfig:
     """The student backbone as a teacher entry: the base teacher's, with ``student.family``,
     ``student.model`` and ``student.weights`` in their place where set."""
@@ -299,10 +306,17 @@ class Trainer:
                 quant = quantize_teacher(teacher, t.bits, device="cpu" if t.offload else self.device)
                 self.teacher_report[name] = {"quantization": quant.summary()}
                 tqdm.write(f"teacher {name}: {quant.summary()}")
+            elif self.teacher_dtype is not None:  # bf16 on CUDA: half the bytes, run under autocast
+                teacher.to(self.teacher_dtype)
             if t.offload:  # blocks stay in CPU memory; the rest moves to the device
                 enable_offload(teacher, self.device)
             else:
                 move_to(teacher, self.device)
+
+    @property
+    def teacher_dtype(self) -> Optional[torch.dtype]:
+        """Unquantized teachers' weights: bf16 with ``train.bf16`` on CUDA, else as loaded (fp32)."""
+        return torch.bfloat16 if self.device.type == "cuda" and self.recipe.train.bf16 else None
 
     @property
     def fidelity_images(self) -> torch.Tensor:
@@ -345,7 +359,7 @@ class Trainer:
             if t.base and self.recipe.student.mode == "adapter":
                 out[t.name] = self.model.student.base_features(images)
             else:
-                out[t.name] = self.teachers[t.name](images)
+                out[t.name] = run_teacher(self.teachers[t.name], images, self.teacher_dtype)
         return {n: Features(f.global_.float(), f.dense.float()) for n, f in out.items()}
 
     def _load_cached_normalizers(self) -> None:

@@ -30,11 +30,14 @@ from .base import ENGINES, Engine, make_optimizer, param_groups
 
 TRAINABLE = ("student", "heads")  # the submodules DeepSpeed manages; the rest (normalisers) stays fp32
 TAG = "state"
+BUCKET = 2**24  # elements per ZeRO communication bucket
 
 
 def deepspeed_config(recipe, bf16: bool, cuda: bool) -> dict:
     t, o, ds = recipe.train, recipe.optim, recipe.deepspeed
-    zero = {"stage": ds.zero_stage}
+    # buckets of 2^24 elements (32 MiB in bf16), not DeepSpeed's 5e8 (954 MiB), which a small card cannot spare
+    zero = {"stage": ds.zero_stage, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
+            "stage3_prefetch_bucket_size": BUCKET}
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": cuda}
     if ds.offload_param != "none":
