@@ -75,7 +75,7 @@ def test_twelve_gb_recipe_builds_from_local_random_weights(tmp_path):
     specs = {n: (t.spec.grid, t.spec.global_dim, t.spec.dense_dim) for n, t in teachers.items()}
     assert specs == {"dinov2": ((16, 16), 1024, 1024), "clip": ((16, 16), 1024, 1024), "sam": ((32, 32), 256, 256)}
     body = student.body.net
-    assert sum(p.numel() for p in body.parameters()) == pytest.approx(86.6e6, rel=0.01)  # a ViT-B/14
+    assert sum(p.numel() for p in body.parameters()) == pytest.approx(85.7e6, rel=0.005)  # a ViT-B/14 without its classifier
     for k, v in student_state.items():
         assert torch.equal(body.state_dict()[k], v), k
     assert all(not p.requires_grad for t in teachers.values() for p in t.parameters())
