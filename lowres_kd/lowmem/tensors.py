@@ -120,7 +120,9 @@ def tensor_slots(module: nn.Module, prefix: str = "") -> List[Slot]:
 
 
 def tensor_key(t: torch.Tensor) -> Tuple:
-    return (t.device, t.data_ptr(), t.dtype, t.numel(), tuple(t.shape))
+    """Identity of a tensor's memory; meta tensors have none (data pointer 0): the object stands in."""
+    where = id(t) if t.is_meta else t.data_ptr()
+    return (t.device, where, t.dtype, t.numel(), tuple(t.shape))
 
 
 def group_slots(slots: Iterable[Slot]) -> List[Tuple[torch.Tensor, List[Slot]]]:

@@ -153,31 +153,11 @@ def _weights_of(module: nn.Module, skip: Tuple[nn.Module, ...] = ()) -> Weights:
     return w
 
 
-def _tensor_numel(module: nn.Module) -> int:
-    return sum(t.numel() for t in list(module.parameters()) + list(module.buffers()))
-
-
-def block_list(module: nn.Module) -> Tuple[str, List[nn.Module]]:
-    """The block list ``lowmem.find_blocks`` picks: the ``nn.Sequential``/``nn.ModuleList`` whose
-    tensor-holding children hold the most (ties: more children). Counted here by element, per
-    tensor object: ``find_blocks`` dedupes tensors by data pointer, which is 0 for every meta
-    tensor (tests/planner checks that both pick the same container on CPU-built teachers)."""
-    best, best_score = ("", []), None
-    for name, m in module.named_modules():
-        if not isinstance(m, (nn.Sequential, nn.ModuleList)):
-            continue
-        kids = [c for c in m.children() if _tensor_numel(c)]
-        if len(kids) < 2:
-            continue
-        score = (sum(_tensor_numel(c) for c in kids), len(kids))
-        if best_score is None or score > best_score:
-            best, best_score = (name, kids), score
-    return best
-
-
 def teacher_weights(teacher: nn.Module) -> Tuple[Weights, List[Weights]]:
     """(outside the block list, per block) weights of a teacher."""
-    _, blocks = block_list(teacher)
+    from ..lowmem import find_blocks
+
+    blocks = [block for _, block in find_blocks(teacher)[1]]
     return _weights_of(teacher, skip=tuple(blocks)), [_weights_of(b) for b in blocks]
 
 
@@ -427,5 +407,5 @@ def _normaliser_bytes(model, recipe: Recipe) -> int:
     return total
 
 
-__all__ = ["PlanError", "RecipeProfile", "StepProfile", "TeacherProfile", "block_list", "build_meta_models",
+__all__ = ["PlanError", "RecipeProfile", "StepProfile", "TeacherProfile", "build_meta_models",
            "profile_recipe", "resolve_loss_backend", "teacher_weights"]
