@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import statistics
@@ -94,18 +95,14 @@ def _engine_overrides(cuda: bool) -> List[str]:
 
     if cuda and deepspeed_installed():
         return ["engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu", "optim.name=adamw"]
-    try:
-        import bitsandbytes  # noqa: F401
-
-        return ["engine=torch", "optim.name=adamw8bit"]
-    except ImportError:
-        return ["engine=torch", "optim.name=adamw"]
+    return ["engine=torch", "optim.name=adamw8bit" if importlib.util.find_spec("bitsandbytes") else "optim.name=adamw"]
 
 
 def configurations(recipe, cuda: bool, names: List[str], budgets: List[str]) -> List[Dict]:
     naive = ["memory=manual", "engine=torch", "optim.name=adamw", "loss.kernels=torch", "student.grad_checkpointing=false",
              *_teacher_overrides(recipe, 16, False)]
-    lowres = ["loss.kernels=auto", "student.grad_checkpointing=true", *_teacher_overrides(recipe, 8, cuda),
+    bits = 8 if importlib.util.find_spec("bitsandbytes") else 16  # without bitsandbytes: bf16 teachers, said in the note
+    lowres = ["loss.kernels=auto", "student.grad_checkpointing=true", *_teacher_overrides(recipe, bits, cuda),
               *_engine_overrides(cuda)]
     rows = []
     if "naive" in names:
@@ -218,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     extra = [] if args.recipe or cuda else CPU_OVERRIDES
     base = load_recipe(recipe_path, extra + args.overrides)
     note = (f"{recipe_path.name}, {steps} steps per row, images/s = median after {args.warmup} warm-up step(s)"
-            + ("" if cuda else "; CPU: peak memory is the whole process's RSS, only the ratios mean anything"))
+            + ("" if cuda else "; CPU: peak memory is the whole process's RSS, only the ratios mean anything")
+            + ("" if importlib.util.find_spec("bitsandbytes") else "; no bitsandbytes: lowres-kd teachers stay bf16"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in configurations(base, cuda, args.configs, budgets):

@@ -71,6 +71,9 @@ def write_dir(target: Path, tensors: Dict[str, Dict[str, torch.Tensor]], meta: d
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        if staging is not None:  # what the engine wrote there must be on disk before state.json says "complete"
+            for file in sorted(tmp.rglob("*")):
+                _fsync(file)
         for name, group in tensors.items():
             write_tensors(tmp / f"{name}.safetensors", group)
         (tmp / COMPLETE).write_text(json.dumps(meta, indent=1))

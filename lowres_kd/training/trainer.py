@@ -133,9 +133,9 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
-def run_teacher(teacher: Teacher, images: torch.Tensor, dtype: Optional[torch.dtype]) -> Features:
-    """A teacher's features; with low-precision weights under autocast in that dtype (the calibration
-    pass runs outside the training step's autocast)."""
+def run_teacher(teacher, images: torch.Tensor, dtype: Optional[torch.dtype]) -> Features:
+    """A teacher's features; with low-precision weights (bf16 teachers, or the base inside a bf16
+    DeepSpeed student) under autocast in that dtype: calibration runs outside the step's autocast."""
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return teacher(images)
 
@@ -244,6 +244,7 @@ class Trainer:
                 self._load_cached_normalizers()
             else:
                 self._calibrate()
+        self._share_normalisers()
         self._check_fidelity()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +358,7 @@ class Trainer:
         out = {}
         for t in self.recipe.teachers:
             if t.base and self.recipe.student.mode == "adapter":
-                out[t.name] = self.model.student.base_features(images)
+                out[t.name] = run_teacher(self.model.student.base_features, images, self.teacher_dtype)
             else:
                 out[t.name] = run_teacher(self.teachers[t.name], images, self.teacher_dtype)
         return {n: Features(f.global_.float(), f.dense.float()) for n, f in out.items()}
@@ -367,6 +368,17 @@ class Trainer:
             state = self.cache.normalizer_state(kind)
             for name, mod in mods.items():
                 mod.load_state_dict(state[name])
+
+    def _share_normalisers(self) -> None:
+        """Every rank uses rank 0's fitted normalisers (the ones the checkpoint keeps): a fit on the
+        same images can still differ in the last bits between devices."""
+        if self.dist.world_size == 1 or not self.dist.active:
+            return
+        import torch.distributed as torch_dist
+
+        for norms in (self.model.norm_global, self.model.norm_dense):
+            for buffer in norms.buffers():
+                torch_dist.broadcast(buffer, src=0)
 
     @torch.no_grad()
     def _calibrate(self) -> None:
@@ -438,9 +450,10 @@ class Trainer:
                     yield images, indices
             if self.bad_images.count:
                 report = self.bad_images.format()
-                tqdm.write("bad images: " + report)
-                with (self.run_dir / "bad_images.log").open("a") as f:
-                    f.write(report + "\n")
+                tqdm.write(f"bad images (rank {self.dist.rank}): " + report)
+                if self.dist.is_main:
+                    with (self.run_dir / "bad_images.log").open("a") as f:
+                        f.write(report + "\n")
             self.epoch += 1
             self.batches_done = 0
             self.bad_images.reset(self.epoch)
@@ -556,19 +569,24 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.dist.barrier()
+        error = None
         try:
             engine_meta = self.engine.save(staging)
             model = self.engine.model_state()
-            self.dist.barrier()
-            if self.dist.is_main:
-                meta = {**self._meta(), "optimizer": engine_meta, "engine": self.engine.name}
+        except Exception as exc:  # e.g. a full disk on one rank: agree before anyone waits
+            error = exc
+        if self.dist.all_true(error is None, self.device) and self.dist.is_main:
+            try:
+                meta = {**self._meta(), "optimizer": engine_meta, "engine": self.engine.name,
+                        "world_size": self.dist.world_size, "zero_stage": self.recipe.deepspeed.zero_stage}
                 ckpt.write_dir(path, {"model": model, "rng": self._rng()}, meta, staging=staging)
                 ckpt.rotate(self.run_dir, self.recipe.train.keep_last)
-        except BaseException:  # the previous checkpoint stays the newest; no half-written staging left
+            except Exception as exc:
+                error = exc
+        if not self.dist.all_true(error is None, self.device):  # the previous checkpoint stays the newest
             if self.dist.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.dist.barrier()
+            raise error or RuntimeError(f"writing {path} failed on another rank; the previous checkpoint is intact")
         return path
 
     def export(self) -> Path:
@@ -607,6 +625,12 @@ class Trainer:
         if meta.get("engine", self.engine.name) != self.engine.name:
             raise ResumeMismatch(f"cannot resume {path}: it was written by the {meta['engine']} engine, this run uses "
                                  f"{self.engine.name}; set engine: {meta['engine']}")
+        partitioned = self.engine.name == "deepspeed" and meta.get("zero_stage", 0) >= 1
+        then = (meta.get("world_size", 1), meta.get("zero_stage", 0))
+        if partitioned and then != (self.dist.world_size, self.recipe.deepspeed.zero_stage):
+            raise ResumeMismatch(f"cannot resume {path}: its DeepSpeed state is partitioned for world size {then[0]} "
+                                 f"at ZeRO-{then[1]}; this run has world size {self.dist.world_size} at ZeRO-"
+                                 f"{self.recipe.deepspeed.zero_stage}")
         if images_done % bs:
             raise ResumeMismatch(f"cannot resume {path}: {images_done} images of epoch {meta['epoch']} are done, not a "
                                  f"multiple of train.batch_size={self.recipe.train.batch_size} x world size "
@@ -617,7 +641,10 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         tensors, meta = ckpt.read_dir(path, ["model", "rng"])
         self._check_resumable(meta, path)
-        self.engine.load(path, tensors["model"], meta)
+        try:
+            self.engine.load(path, tensors["model"], meta)
+        except (RuntimeError, EOFError, OSError, KeyError) as exc:  # truncated or missing engine files
+            raise ValueError(f"{path}: the {self.engine.name} engine's state cannot be read ({exc})") from exc
         torch.set_rng_state(tensors["rng"]["cpu"])
         if "cuda" in tensors["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng"]["cuda"], self.device)

@@ -6,8 +6,10 @@ bf16 mixed precision, over the trainable part of the model (student + heads).
 - DeepSpeed accumulates over ``train.grad_accum`` micro-batches itself (``backward`` steps it at
   every micro-batch; it updates only at the boundary) and clips to ``optim.grad_clip``.
 - Non-finite gradients: ZeRO 1-3 and bf16 detect them and skip the update on every rank
-  (``was_step_applied``); at stage 0 in fp32 DeepSpeed does not check, so this engine drops the
-  gradients itself before the step.
+  (``was_step_applied``); at stage 0 in fp32 DeepSpeed neither checks nor reports a norm, so this
+  engine clips, checks and, when needed, drops the gradients itself before the step.
+- The saved model holds the fp32 master weights of what trains (ZeRO 1-3), not the bf16 copies
+  the forward uses; frozen weights (the base in adapter mode) are the bf16 copies.
 - With ``offload_optimizer: cpu`` the optimizer is DeepSpeed's own CPU AdamW (compiled on first
   use, 1-2 min); otherwise the torch (or bitsandbytes 8-bit) AdamW is handed to DeepSpeed.
 - Checkpoints: DeepSpeed's own files in ``<checkpoint>/deepspeed/`` (fp32 master weights and
@@ -33,6 +35,11 @@ TAG = "state"
 BUCKET = 2**24  # elements per ZeRO communication bucket
 
 
+def checks_overflow(recipe, bf16: bool) -> bool:
+    """Whether DeepSpeed itself finds non-finite gradients and skips the step (ZeRO 1-3, bf16)."""
+    return recipe.deepspeed.zero_stage >= 1 or bf16
+
+
 def deepspeed_config(recipe, bf16: bool, cuda: bool) -> dict:
     t, o, ds = recipe.train, recipe.optim, recipe.deepspeed
     # buckets of 2^24 elements (32 MiB in bf16), not DeepSpeed's 5e8 (954 MiB), which a small card cannot spare
@@ -45,7 +52,7 @@ def deepspeed_config(recipe, bf16: bool, cuda: bool) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": o.grad_clip,
+        "gradient_clipping": o.grad_clip if checks_overflow(recipe, bf16) else 0.0,  # else: clipped by the engine
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # bitsandbytes AdamW8bit under ZeRO
@@ -83,7 +90,7 @@ class DeepSpeedEngine(Engine):
         self.config = deepspeed_config(recipe, bf16, device.type == "cuda")
         self.ds, self._optimizer, _, _ = deepspeed.initialize(model=self.trainable, optimizer=optimizer,
                                                               model_parameters=groups, config=self.config)
-        self._checks_overflow = ds.zero_stage >= 1 or bf16
+        self._checks_overflow = checks_overflow(recipe, bf16)
         self._params = params
 
     def describe(self) -> str:
@@ -106,21 +113,19 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # counts the micro-step; no update before the boundary
 
     def step(self):
-        if not self._checks_overflow:
-            grads = [p.grad for p in self._params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
-            if norm is not None and not self.dist.all_true(bool(torch.isfinite(norm)), self.device):
+        if not self._checks_overflow:  # gradients already averaged over ranks at the boundary
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.recipe.optim.grad_clip or float("inf"))
+            finite = self.dist.all_true(bool(torch.isfinite(norm)), self.device)
+            if not finite:
                 for p in self._params:
                     p.grad = None  # torch optimizers leave parameters without gradients untouched
-                self.ds.step()
-                return None
+            self.ds.step()
+            return norm if finite else None
         self.ds.step()
         if not self.ds.was_step_applied():
             return None
         norm = self.ds.get_global_grad_norm()
-        if norm is None:
-            return None if self._checks_overflow else torch.tensor(0.0)
-        norm = torch.as_tensor(norm, dtype=torch.float32)
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
         return norm if math.isfinite(float(norm)) else None
 
     def _gathered(self):
@@ -132,8 +137,15 @@ class DeepSpeedEngine(Engine):
 
     def model_state(self):
         with self._gathered():
-            return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                    for k, v in self.model.state_dict().items()}
+            state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                     for k, v in self.model.state_dict().items()}
+        if self.bf16 and self.recipe.deepspeed.zero_stage >= 1:  # the fp32 masters, not the bf16 copies
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, p in self.trainable.named_parameters():
+                if p.requires_grad:  # every rank takes part (a gather at stage 3)
+                    state[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
+        return state
 
     def save(self, directory: Path) -> Optional[dict]:
         self.ds.save_checkpoint(str(directory / "deepspeed"), tag=TAG, save_latest=False)
