@@ -19,6 +19,7 @@ bf16 mixed precision, over the trainable part of the model (student + heads).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -133,7 +134,7 @@ class DeepSpeedEngine(Engine):
 
         if self.recipe.deepspeed.zero_stage == 3:
             return deepspeed.zero.GatheredParameters(list(self.trainable.parameters()), modifier_rank=None)
-        return _NoGather()
+        return contextlib.nullcontext()
 
     def model_state(self):
         with self._gathered():
@@ -170,11 +171,3 @@ class TrainableParts(nn.ModuleDict):
 
     def forward(self, fn, *args):
         return fn(*args)
-
-
-class _NoGather:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
