@@ -446,7 +446,8 @@ class Trainer:
             for images, skipped, indices in self.loader:
                 self.batches_done += 1
                 self.bad_images.update(len(images), skipped)
-                if len(images):
+                # a batch of only unreadable images is skipped by every rank at once: ranks stay in step
+                if self.dist.all_true(len(images) > 0, self.device):
                     yield images, indices
             if self.bad_images.count:
                 report = self.bad_images.format()
