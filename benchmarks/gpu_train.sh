@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Lent-GPU check of issue 5 (the student side): engine GPU tests, the planner against measured
 # peaks (check_planner) and the training benchmark with emulated 8/12/24 GB budgets (bench_train).
-# Carry .gpuwhl (bitsandbytes wheel and, for the DeepSpeed engine, deepspeed's source package:
-# `pip download --no-deps --no-binary=:all: deepspeed==0.19.8 -d .gpuwhl`); without DeepSpeed the
-# lowres-kd rows use the torch engine with 8-bit AdamW and say so.
+# Carry .gpuwhl (about 60 MB): the bitsandbytes wheel and, for the DeepSpeed engine, deepspeed's
+# source package (`pip download --no-deps --no-binary=:all: deepspeed==0.19.8 -d .gpuwhl`) with the
+# cp312 wheels of its dependencies (hjson, py-cpuinfo, msgpack, ninja, pydantic, pydantic_core,
+# annotated-types, typing-inspection; the --platform flags of ENVIRONMENT.md). Without DeepSpeed
+# the lowres-kd rows use the torch engine with 8-bit AdamW and say so.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwhl/*.whl
+export PYTHONPATH="/tmp/site"  # torch from the machine, the carried packages beside it
 ls .gpuwhl/deepspeed-*.tar.gz >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpuwhl/deepspeed-*.tar.gz
 export PYTHONPATH="$PWD:/tmp/site"
 {
