@@ -48,28 +48,40 @@ def test_smaller_budgets_trade_speed_for_memory():
     assert len(set(effective.values())) == 1, effective  # the same optimisation problem on every card
 
 
-@pytest.mark.slow
-def test_twelve_gb_recipe_builds_from_local_random_weights(tmp_path):
-    """DINOv2-L, CLIP-L, SAM-B and the DINOv2 ViT-B student from files, as offline users run it."""
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    """DINOv2-L, CLIP-L, SAM-B and the DINOv2 ViT-B student as local random-weight files, the way an
+    offline user names downloaded checkpoints; and the student's state to compare with."""
     import timm
     from safetensors.torch import save_file
 
-    from lowres_kd.training.trainer import build_student_and_teachers
-
-    files = {}
+    folder = tmp_path_factory.mktemp("weights")
+    files, student_state = {}, None
     for key, model, kwargs in (("dinov2", "vit_large_patch14_dinov2", {"img_size": 224}),
                                ("clip", "vit_large_patch14_clip_224", {}),
                                ("sam", "samvit_base_patch16", {"img_size": 512}),
                                ("student", "vit_base_patch14_dinov2", {"img_size": 224})):
         net = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
-        files[key] = tmp_path / f"{key}.safetensors"
+        files[key] = folder / f"{key}.safetensors"
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(files[key]))
         if key == "student":
             student_state = net.state_dict()
         del net
-    overrides = [f"teachers.{i}.weights={files[k]}" for i, k in enumerate(("dinov2", "clip", "sam"))]
+    return files, student_state
+
+
+def local_weights(files):
+    return ([f"teachers.{i}.weights={files[k]}" for i, k in enumerate(("dinov2", "clip", "sam"))]
+            + [f"student.weights={files['student']}"])
+
+
+@pytest.mark.slow
+def test_twelve_gb_recipe_builds_from_local_random_weights(tmp_path, weight_files):
+    from lowres_kd.training.trainer import build_student_and_teachers
+
+    files, student_state = weight_files
     recipe = load_recipe(REPO / "recipes" / "vitb_dinov2_clip_sam_12gb.yaml",
-                         overrides + [f"student.weights={files['student']}", f"output_dir={tmp_path}/run"])
+                         local_weights(files) + [f"output_dir={tmp_path}/run"])
     student, teachers = build_student_and_teachers(recipe)
     assert set(teachers) == {"dinov2", "clip", "sam"}  # full mode: the base stays a frozen teacher
     specs = {n: (t.spec.grid, t.spec.global_dim, t.spec.dense_dim) for n, t in teachers.items()}
@@ -79,3 +91,26 @@ def test_twelve_gb_recipe_builds_from_local_random_weights(tmp_path):
     for k, v in student_state.items():
         assert torch.equal(body.state_dict()[k], v), k
     assert all(not p.requires_grad for t in teachers.values() for p in t.parameters())
+
+
+@pytest.mark.slow
+def test_eight_gb_recipe_trains_a_step_on_cpu(tmp_path, weight_files):
+    """The 8 GB recipe as written (int8 + offloaded teachers, checkpointing), one tiny step on CPU:
+    about 90 s and 7 GiB of RAM on 2 cores. Random weights: fidelity floors off."""
+    import json
+
+    from lowres_kd.training.trainer import Trainer
+
+    files, _ = weight_files
+    tiny = ["train.steps=1", "train.batch_size=1", "train.grad_accum=1", "space.calibration_images=2",
+            "data.fashion_mnist=0", "data.num_workers=0", f"output_dir={tmp_path}/run"]
+    tiny += [f"teachers.{i}.min_fidelity=0" for i in range(3)]
+    recipe = load_recipe(REPO / "recipes" / "vitb_dinov2_clip_sam_8gb.yaml", local_weights(files) + tiny)
+    trainer = Trainer(recipe, progress=False).setup()
+    last = trainer.train()
+    assert torch.isfinite(torch.tensor(last["loss"])) and last["grad_norm"] > 0
+    assert all(f"{t}/dense" in last for t in ("dinov2", "clip", "sam"))
+    report = json.loads((tmp_path / "run" / "teachers.json").read_text())
+    for name in ("dinov2", "clip", "sam"):  # every teacher int8, checked against full precision
+        assert "8-bit" in report[name]["quantization"] and report[name]["fidelity_raw"]["cos_min"] > 0.99
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
