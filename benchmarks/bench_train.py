@@ -57,6 +57,7 @@ CPU_RECIPE = REPO / "recipes" / "demo_cpu.yaml"
 CPU_OVERRIDES = ["data.image_size=64", "space.calibration_images=8", "space.head_hidden=128", "data.fashion_mnist=8",
                  "train.batch_size=4", "train.grad_accum=1"]
 GPU_BUDGETS = ["8GiB", "12GiB", "24GiB"]
+HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None  # int8 teachers, 8-bit AdamW
 TARGETS = {"12GiB": ("throughput vs naive >= 0.6", 0.6), "24GiB": ("throughput vs naive >= 1.5", 1.5)}
 
 
@@ -95,13 +96,13 @@ def _engine_overrides(cuda: bool) -> List[str]:
 
     if cuda and deepspeed_installed():
         return ["engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu", "optim.name=adamw"]
-    return ["engine=torch", "optim.name=adamw8bit" if importlib.util.find_spec("bitsandbytes") else "optim.name=adamw"]
+    return ["engine=torch", "optim.name=adamw8bit" if HAS_BITSANDBYTES else "optim.name=adamw"]
 
 
 def configurations(recipe, cuda: bool, names: List[str], budgets: List[str]) -> List[Dict]:
     naive = ["memory=manual", "engine=torch", "optim.name=adamw", "loss.kernels=torch", "student.grad_checkpointing=false",
              *_teacher_overrides(recipe, 16, False)]
-    bits = 8 if importlib.util.find_spec("bitsandbytes") else 16  # without bitsandbytes: bf16 teachers, said in the note
+    bits = 8 if HAS_BITSANDBYTES else 16  # without bitsandbytes: bf16 teachers, said in the note
     lowres = ["loss.kernels=auto", "student.grad_checkpointing=true", *_teacher_overrides(recipe, bits, cuda),
               *_engine_overrides(cuda)]
     rows = []
@@ -216,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     base = load_recipe(recipe_path, extra + args.overrides)
     note = (f"{recipe_path.name}, {steps} steps per row, images/s = median after {args.warmup} warm-up step(s)"
             + ("" if cuda else "; CPU: peak memory is the whole process's RSS, only the ratios mean anything")
-            + ("" if importlib.util.find_spec("bitsandbytes") else "; no bitsandbytes: lowres-kd teachers stay bf16"))
+            + ("" if HAS_BITSANDBYTES else "; no bitsandbytes: lowres-kd teachers stay bf16"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in configurations(base, cuda, args.configs, budgets):

@@ -315,9 +315,14 @@ class Trainer:
                 move_to(teacher, self.device)
 
     @property
+    def bf16(self) -> bool:
+        """Mixed precision (``train.bf16``), on CUDA only: autocast, bf16 teachers, DeepSpeed's bf16."""
+        return self.device.type == "cuda" and self.recipe.train.bf16
+
+    @property
     def teacher_dtype(self) -> Optional[torch.dtype]:
-        """Unquantized teachers' weights: bf16 with ``train.bf16`` on CUDA, else as loaded (fp32)."""
-        return torch.bfloat16 if self.device.type == "cuda" and self.recipe.train.bf16 else None
+        """Unquantized teachers' weights: bf16 under mixed precision, else as loaded (fp32)."""
+        return torch.bfloat16 if self.bf16 else None
 
     @property
     def fidelity_images(self) -> torch.Tensor:
@@ -349,8 +354,7 @@ class Trainer:
                 (self.run_dir / "teachers.json").write_text(json.dumps(self.teacher_report, indent=1))
 
     def _setup_optimizer(self) -> None:
-        bf16 = self.device.type == "cuda" and self.recipe.train.bf16
-        self.engine = build_engine(self.recipe, self.model, self.device, self.dist, bf16)
+        self.engine = build_engine(self.recipe, self.model, self.device, self.dist, self.bf16)
 
     # ------------------------------------------------------------------ teachers
     @torch.no_grad()
@@ -470,7 +474,7 @@ class Trainer:
     def _train(self) -> dict:
         r = self.recipe
         t = r.train
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and t.bf16)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
         main = self.dist.is_main
         log = self._open_log() if main else None
         batches = self._batches()
@@ -502,7 +506,7 @@ class Trainer:
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum
                 n_images += len(images) * self.dist.world_size
-            grad_norm = self.engine.step()
+            grad_norm = self.engine.step(finite)
             if grad_norm is None:
                 self._skip_step(log, lr, "non-finite loss" if not self.dist.all_true(finite, self.device)
                                 else "non-finite gradients")
@@ -511,8 +515,9 @@ class Trainer:
             sums["grad_norm"] = grad_norm
             self.step += 1
             elapsed = time.perf_counter() - started
-            last = {"step": self.step, "lr": lr, "loss": float(self.dist.mean(total)),
-                    **{k: float(self.dist.mean(torch.as_tensor(v, device=self.device))) for k, v in sums.items()},
+            logged = {"loss": total, **sums}  # one collective for every number of the step
+            means = self.dist.mean(torch.stack([torch.as_tensor(v, device=self.device).float() for v in logged.values()]))
+            last = {"step": self.step, "lr": lr, **dict(zip(logged, means.tolist())),
                     "images_per_s": n_images / elapsed, "peak_mem_gib": peak_memory_gib(self.device),
                     "bad_images": self.bad_images.count, "skipped_steps": self.skipped_steps}
             if main and (self.step % t.log_every == 0 or self.step == t.steps):

@@ -144,7 +144,7 @@ def tiny_engine_losses(tiny_recipe, engine, bf16, stage=2, steps=6):
             loss = eng.forward(model.loss, x, y)
             eng.backward(loss, True)
             total += float(loss) / 2
-        assert eng.step() is not None
+        assert eng.step(True) is not None
         out.append(total)
     return out, model, eng
 
@@ -173,7 +173,7 @@ def test_adamw8bit_keeps_8bit_moments(tiny_recipe, tmp_path):
     before = weight.detach().clone()
     eng.set_lr(1e-3)
     eng.backward(model(torch.randn(8, 512)).pow(2).mean(), True)
-    assert eng.step() is not None
+    assert eng.step(True) is not None
     state = eng.optimizer.state[weight]
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
     assert not torch.equal(weight, before)

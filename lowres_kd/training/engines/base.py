@@ -39,6 +39,7 @@ class Engine:
     """Base class; subclasses register in ``ENGINES`` under the recipe's ``engine`` name."""
 
     name = ""
+    optimizer: torch.optim.Optimizer  # set by each engine: the one whose param groups take the lr
 
     def __init__(self, recipe: Recipe, model: nn.Module, device: torch.device, dist: DistEnv, bf16: bool):
         self.recipe, self.model, self.device, self.dist, self.bf16 = recipe, model, device, dist, bf16
@@ -46,10 +47,6 @@ class Engine:
     def describe(self) -> str:
         """One line for the log: which engine ran, with what."""
         return f"{self.name} (world size {self.dist.world_size})"
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -63,10 +60,17 @@ class Engine:
         """Accumulate one micro-batch's gradients (``finite``: the loss is finite on this rank)."""
         raise NotImplementedError
 
-    def step(self) -> Optional[torch.Tensor]:
-        """Update at the end of the accumulation; the gradient norm, or None when the step was
-        skipped for non-finite values on any rank (nothing changed, gradients cleared)."""
+    def step(self, finite: bool) -> Optional[torch.Tensor]:
+        """Update at the end of the accumulation (``finite``: every micro-batch's loss was finite
+        on this rank); the gradient norm, or None when the step was skipped for non-finite values
+        on any rank (nothing changed, gradients cleared)."""
         raise NotImplementedError
+
+    def clipped_norm(self, params) -> Optional[torch.Tensor]:
+        """Clip the gradients of ``params`` to ``optim.grad_clip`` (already averaged over ranks);
+        their norm, or None if it is not finite on some rank."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip or float("inf"))
+        return norm if self.dist.all_true(bool(torch.isfinite(norm)), self.device) else None
 
     def model_state(self) -> Dict[str, torch.Tensor]:
         """The full model state dict (gathered where the engine partitions parameters)."""

@@ -89,7 +89,7 @@ class DeepSpeedEngine(Engine):
         optimizer = None if ds.offload_optimizer != "none" else make_optimizer(
             recipe.optim.name, groups, recipe.optim.lr, recipe.optim.betas)
         self.config = deepspeed_config(recipe, bf16, device.type == "cuda")
-        self.ds, self._optimizer, _, _ = deepspeed.initialize(model=self.trainable, optimizer=optimizer,
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.trainable, optimizer=optimizer,
                                                               model_parameters=groups, config=self.config)
         self._checks_overflow = checks_overflow(recipe, bf16)
         self._params = params
@@ -97,11 +97,7 @@ class DeepSpeedEngine(Engine):
     def describe(self) -> str:
         ds = self.recipe.deepspeed
         return (f"deepspeed (ZeRO-{ds.zero_stage}, offload_optimizer {ds.offload_optimizer}, offload_param "
-                f"{ds.offload_param}, bf16 {self.bf16}, {type(self._optimizer).__name__}, world size {self.dist.world_size})")
-
-    @property
-    def optimizer(self):
-        return self._optimizer
+                f"{ds.offload_param}, bf16 {self.bf16}, {type(self.optimizer).__name__}, world size {self.dist.world_size})")
 
     def forward(self, fn, *args):
         return self.ds(fn, *args)  # DeepSpeed's forward resets its per-micro-batch gradient state
@@ -113,15 +109,15 @@ class DeepSpeedEngine(Engine):
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # counts the micro-step; no update before the boundary
 
-    def step(self):
+    def step(self, finite):
+        # ``finite`` is not needed: a non-finite loss left non-finite gradients, found below
         if not self._checks_overflow:  # gradients already averaged over ranks at the boundary
-            norm = torch.nn.utils.clip_grad_norm_(self._params, self.recipe.optim.grad_clip or float("inf"))
-            finite = self.dist.all_true(bool(torch.isfinite(norm)), self.device)
-            if not finite:
+            norm = self.clipped_norm(self._params)
+            if norm is None:
                 for p in self._params:
                     p.grad = None  # torch optimizers leave parameters without gradients untouched
             self.ds.step()
-            return norm if finite else None
+            return norm
         self.ds.step()
         if not self.ds.was_step_applied():
             return None

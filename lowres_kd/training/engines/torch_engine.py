@@ -25,8 +25,7 @@ class TorchEngine(Engine):
         super().__init__(recipe, model, device, dist, bf16)
         o = recipe.optim
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._optimizer = make_optimizer(o.name, param_groups(self.params, o.weight_decay), o.lr, o.betas)
-        self._finite = True
+        self.optimizer = make_optimizer(o.name, param_groups(self.params, o.weight_decay), o.lr, o.betas)
         if dist.world_size > 1 and not dist.active:
             from ..distributed import backend_for
 
@@ -35,14 +34,9 @@ class TorchEngine(Engine):
     def describe(self) -> str:
         return f"torch ({self.recipe.optim.name}, world size {self.dist.world_size})"
 
-    @property
-    def optimizer(self):
-        return self._optimizer
-
     def backward(self, loss, finite):
         if finite:
             (loss / self.recipe.train.grad_accum).backward()
-        self._finite &= finite
 
     def _average_gradients(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -52,29 +46,25 @@ class TorchEngine(Engine):
         for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
 
-    def step(self):
-        finite, self._finite = self._finite, True
-        if self.dist.world_size > 1:
-            finite = self.dist.all_true(finite, self.device)
-            if finite:
-                self._average_gradients()
+    def step(self, finite):
         norm = None
-        if finite:  # a finite loss can still give inf/NaN gradients (bf16 overflow): check the norm
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip or float("inf"))
-            finite = bool(torch.isfinite(norm))
-        if finite:
-            self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        return norm if finite else None
+        if self.dist.all_true(finite, self.device):
+            if self.dist.world_size > 1:
+                self._average_gradients()
+            norm = self.clipped_norm(self.params)  # a finite loss can still give inf/NaN gradients (bf16)
+        if norm is not None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def save(self, directory: Path) -> Optional[dict]:
         if not self.dist.is_main:
             return None
-        tensors, meta = ckpt.optimizer_to_tensors(self._optimizer.state_dict())
+        tensors, meta = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
         ckpt.write_tensors(directory / "optimizer.safetensors", tensors)
         return meta
 
     def load(self, directory, model_state, meta):
         self.model.load_state_dict(model_state)
         tensors = ckpt.read_tensors(directory / "optimizer.safetensors")
-        self._optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, meta["optimizer"]))
+        self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, meta["optimizer"]))
