@@ -6,7 +6,9 @@ Per shape (N rows, K hidden width, C teacher width) it times one forward + backw
   fused    the chunked Triton op (lowres_kd.kernels, backend="triton")
   matmul   three plain matmuls with the FLOPs of forward + backward (P = H W^T, P W, P^T H:
            6 N K C), a roofline-ish yardstick
-and reports median / p20 / p80 over repeats (after warmup; CUDA events), the peak extra GPU memory
+and reports median / p20 / p80 over repeats (after warmup; CUDA events), the median host time to
+issue a run (CPU side, no sync: when it is close to the device time, host work bounds the run),
+the peak extra GPU memory
 (torch.cuda.max_memory_allocated minus the memory held once inputs exist, stats reset before
 each method; it includes the returned gradients), and the ratios: fused speed-up over eager and
 over compile, fused memory / eager memory, and the fused rate as a fraction of the matmul rate.
@@ -79,29 +81,34 @@ def _slug(env: Dict) -> str:
 
 
 # ------------------------------------------------------------------------------ measuring
-def _quantiles(ms: List[float]) -> Dict[str, float]:
+def _quantiles(ms: List[float], host_ms: List[float]) -> Dict[str, float]:
     q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
-    return {"median_ms": statistics.median(ms), "p20_ms": q[1], "p80_ms": q[7], "repeats": len(ms)}
+    return {"median_ms": statistics.median(ms), "p20_ms": q[1], "p80_ms": q[7], "repeats": len(ms),
+            "host_median_ms": statistics.median(host_ms)}
 
 
-def _time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> List[float]:
+def _time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int):
+    """(device ms, host ms) per run. Host ms is the CPU time to issue the run (no sync on CUDA): a
+    device time close to it means the run is bound by host work, not by the GPU."""
     for _ in range(warmup):
         fn()
+    host = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         for start, end in events:
+            t0 = time.perf_counter()
             start.record()
             fn()
             end.record()
+            host.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in events]
-    out = []
+        return [s.elapsed_time(e) for s, e in events], host
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+        host.append((time.perf_counter() - t0) * 1e3)
+    return host, host
 
 
 def _peak_extra_mib(fn: Callable[[], None], device: torch.device, leaves) -> Optional[float]:
@@ -165,7 +172,7 @@ def bench_shape(shape, dtype, device, args, env) -> List[Dict]:
         if device.type == "cpu":
             row["note"] = CPU_NOTE
         try:
-            row.update(_quantiles(_time(fn, device, args.warmup, args.repeats)))
+            row.update(_quantiles(*_time(fn, device, args.warmup, args.repeats)))
             row["peak_extra_mib"] = _peak_extra_mib(fn, device, (h, w, b))
             row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
         except Exception as exc:  # e.g. torch.compile failing: record it, keep the other methods
@@ -213,12 +220,13 @@ def write_markdown(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], not
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git_sha']}", ""]
     if note:
         lines += [f"**{note}.**", ""]
-    lines += ["| N | K | C | dtype | method | median ms | p20 ms | p80 ms | TFLOP/s | peak extra MiB | error |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| N | K | C | dtype | method | median ms | p20 ms | p80 ms | host ms | TFLOP/s | peak extra MiB | error |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = (r["error"] or "").replace("|", "/").replace("\n", " ")[:80]
         lines.append(f"| {r['N']} | {r['K']} | {r['C']} | {r['dtype']} | {r['method']} | {_fmt(r.get('median_ms'), '.3f')} | "
-                     f"{_fmt(r.get('p20_ms'), '.3f')} | {_fmt(r.get('p80_ms'), '.3f')} | {_fmt(r.get('tflops'), '.3g')} | "
+                     f"{_fmt(r.get('p20_ms'), '.3f')} | {_fmt(r.get('p80_ms'), '.3f')} | {_fmt(r.get('host_median_ms'), '.3f')} | "
+                     f"{_fmt(r.get('tflops'), '.3g')} | "
                      f"{_fmt(r.get('peak_extra_mib'), '.1f')} | {err} |")
     lines += ["", "Ratios (fused = chunked Triton op; memory = peak extra allocation of one forward + backward):", "",
               "| N | K | C | speed-up vs eager | speed-up vs compile | memory / eager | fraction of matmul rate |",

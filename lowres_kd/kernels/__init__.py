@@ -124,9 +124,9 @@ class FusedLinearDistill(nn.Module):
 
     def forward(self, hidden: torch.Tensor, linear: nn.Linear, target: torch.Tensor,
                 row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight = linear.weight.to(hidden.dtype)  # fp32 weights under autocast: the op takes one dtype
-        bias = None if linear.bias is None else linear.bias.to(hidden.dtype)
-        return fused_linear_distill(hidden, weight, bias, target, row_weight, alpha=self.alpha,
+        # an fp32 head under autocast goes in as it is: the op casts a copy for its matmuls and
+        # returns fp32 gradients, with no cast node in the autograd graph
+        return fused_linear_distill(hidden, linear.weight, linear.bias, target, row_weight, alpha=self.alpha,
                                     beta=self.beta, distance=self.distance, reduction=self.reduction,
                                     backend=self.backend)
 

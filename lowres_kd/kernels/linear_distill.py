@@ -11,52 +11,70 @@ an all-masked batch gives 0), sum, or none. The one plain PyTorch reference is
 Design (the fused-linear-cross-entropy idea, re-derived for a regression distance):
 
 * The host loops over row chunks of R rows (R * C <= ``CHUNK_ELEMS`` = 2^25 elements, a power of
-  two, so the chunk buffer is <= 64 MiB in bf16 / 128 MiB in fp32; smaller chunks left the
-  matmuls too small to fill an H200, see benchmarks/results). For each chunk:
-    1. ``P_c = H_c W^T + b`` by the vendor matmul (cuBLAS) in the input dtype, into one reused
-       (R, C) buffer;
-    2. the Triton kernel below, one program per block of rows, loops over C tiles twice: first
-       the row statistics (p.t, |p|^2, |t|^2, sum of smoothL1 / squared error) in fp32, giving the
-       per-row loss w_i d_i; then it overwrites ``P_c`` in place with w_i dd_i/dP_i (fp32 maths,
-       stored in the input dtype);
-    3. ``dH_c = dP_c W`` (written straight into the rows of dH), ``dW += dP_c^T H_c`` and
-       ``db += sum_rows dP_c`` into fp32 accumulators.
-  So the (N, C) projection and its gradient never exist in full, in fp32 or otherwise.
-* The gradients are computed in forward (mean / sum) and kept; backward only multiplies them by
-  grad_output (and 1 / sum_i w_i for mean), on the device, in place: no host sync anywhere. The
-  reduction's 1/sum(w) is deliberately *not* folded into dP: for fp16 and large N the per-element
-  gradient would underflow before the matmuls; it is applied once, in fp32, at the end.
+  two, so a chunk is <= 64 MiB in bf16 / 128 MiB in fp32; smaller chunks left the matmuls too
+  small to fill an H200, see benchmarks/results). For each chunk:
+    1. ``P_c = H_c W^T + b`` by the vendor matmul (cuBLAS) in the input dtype;
+    2. ``_distill_rows_kernel``, a persistent kernel (a few programs per SM, each looping over
+       blocks of rows), reads each row of P_c and T_c once into registers (twice from memory
+       only when C is wider than one tile), computes the row statistics (p.t, |p|^2, |t|^2, sum of
+       smoothL1 / squared error) in fp32, then overwrites ``P_c`` in place with
+       norm * w_i * dd_i/dP_i (fp32 maths, stored in the input dtype). Each program also sums
+       its rows' losses and the columns of dP_c (the bias gradient) in fp32 registers, and adds
+       them once, at its end, to its own row of a small (programs, C + 1) fp32 table: no atomics,
+       so the result is deterministic;
+    3. ``dH_c = dP_c W`` (cuBLAS, straight into the rows of dH) and ``dW += dP_c^T H_c``
+       (cuBLAS with an fp32 output for 16-bit inputs, ``mm(out_dtype=float32)``).
+  One ``sum`` over the table's rows then gives the loss and db. So the (N, C) projection and its
+  gradient never exist in full, in fp32 or otherwise.
+* The gradients are computed in forward (mean / sum) and kept. The mean's normaliser (1/N, or
+  1 / sum_i w_i read on the device) is folded into dP for fp32 and bf16, so dH, dW and db come
+  out final for grad_output = 1. fp16 keeps dP unnormalised (1/N of a per-element gradient would
+  underflow fp16 for large N) and applies it in backward. Backward is one launch of
+  ``_finish_grads_kernel``: it multiplies dW and db (fp32) by grad_output and casts them to the
+  parameters' dtypes, and rescales dH in place only when the factor is not exactly 1, a test the
+  kernel makes on the device. ``loss.backward()`` of a bf16 / fp32 mean thus never touches dH
+  again, and nothing anywhere waits for the host.
 * ``reduction="none"`` returns (N,) per-row losses, whose grad_output is a vector: dW = sum_i g_i
   dP_i^T H_i does not factor, so forward only computes the losses (no gradient matmuls) and
   backward recomputes P chunk by chunk with the row scale w_i g_i. Same memory bound, one extra
   projection matmul.
+* Host work is what decides the time at small N (4k rows: ~1 ms of CPU time per call against
+  ~0.1 ms of GPU work, measured on an H200 with the previous, 30-op version), so the path is
+  kept to about ten aten ops and two Triton launches per forward + backward: no per-chunk views
+  when there is one chunk, no scale vector without row weights, no separate bias reduction, loss
+  division or cast.
 
 Cost. FLOPs: 6 N K C in matmuls for forward + backward (P, dH, dW: 2 N K C each), exactly those of
-eager autograd, plus O(N C) elementwise work in the kernel (P and T read twice, dP written once);
-"none" costs 8 N K C (P recomputed in backward). Extra memory beyond inputs: one (R, C) chunk
-buffer in the input dtype, dW (C, K) and db (C) in fp32, N fp32 row losses/scales, and dH (N, K)
-in the input dtype - the gradient that backward returns, held from forward to backward (it has
-the size of H). The eager reference instead materialises P in fp32 (N, C), fp32 copies of H and
-W, and several (N, C) fp32 temporaries saved for its backward.
+eager autograd, plus O(N C) elementwise work in the kernel (P and T read once, dP written once);
+"none" costs 8 N K C (P recomputed in backward). Extra memory beyond inputs: one (R, C) chunk in
+the input dtype, dW (C, K) in fp32, the (programs, C + 1) fp32 table, N fp32 row losses for
+"none", and dH (N, K) in the input dtype - the gradient that backward returns, held from forward
+to backward (it has the size of H). The eager reference instead materialises P in fp32 (N, C),
+fp32 copies of H and W, and several (N, C) fp32 temporaries saved for its backward.
 
 Dtypes: hidden / weight / bias in fp32, bf16 or fp16 (weight and bias are cast to the hidden
-dtype for the matmuls when they differ); the target in any float dtype (read and promoted to
-fp32 in the kernel). All statistics and dP are computed in fp32, dW / db accumulate in fp32;
-gradients come back in each input's own dtype; the loss is fp32 (as the reference's). Autocast
-does not apply inside the op: it computes in the dtype it is given. No gradient flows to the
-target or the row weights (passing ones that require grad is refused).
+dtype for the matmuls when they differ, as an fp32 head under autocast gives); the target in any
+float dtype (read and promoted to fp32 in the kernel). All statistics and dP are computed in
+fp32, dW / db accumulate in fp32; gradients come back in each input's own dtype; the loss is fp32
+(as the reference's). Autocast does not apply inside the op: it computes in the dtype it is
+given. No gradient flows to the target or the row weights (passing ones that require grad is
+refused).
 
-Triton notes: only basic ``tl`` APIs (load/store/sum/where/sqrt), so it runs on Triton 3.6 and
-3.8; the kernel uses no ``tl.dot`` (the matmuls are cuBLAS), so the interpreter's bf16 ``tl.dot``
-bug does not apply. Block sizes are fixed heuristics, no ``@triton.autotune`` (which the
-interpreter refuses); on CPU tensors (``TRITON_INTERPRET=1``) big tiles are used, since the
-interpreter's cost grows with the number of program instances.
+Triton notes: only basic ``tl`` APIs (load/store/sum/where/sqrt, loops with runtime bounds), so
+it runs on Triton 3.6 and 3.8; the kernels use no ``tl.dot`` (the matmuls are cuBLAS), so the
+interpreter's bf16 ``tl.dot`` bug does not apply. Block sizes are fixed heuristics, no
+``@triton.autotune`` (which the interpreter refuses); on CPU tensors (``TRITON_INTERPRET=1``) big
+tiles and few programs are used, since the interpreter's cost grows with the number of program
+instances. On the meta device the host code runs and the launches are skipped, so the planner
+measures this op's allocations by running it (``lowres_kd.planner.profile``).
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -65,28 +83,31 @@ from ..losses.fused_linear_distill import check_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
+PROGRAMS_PER_SM = 8  # persistent row kernel: enough resident programs to hide memory latency
+FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the reference's clamp of sum_i w_i
 
 # distance name -> (has the cosine term, elementwise term: 0 none, 1 smoothL1, 2 squared error)
 _KERNEL_DISTANCES = {"cos_smoothl1": (True, 1), "cos": (True, 0), "mse": (False, 2)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel
+# Row kernel
 #
-# One program owns BLOCK_M rows of the chunk; p = P_i (C), t = T_i (C), s = row scale (w_i, or
-# w_i * g_i in the backward of reduction="none"). Pass 1 over C tiles accumulates in fp32
+# A program owns the row blocks pid, pid + programs, ... of the chunk, BLOCK_M rows each;
+# p = P_i (C), t = T_i (C), s = row scale (w_i, 1 without row weights, or w_i * g_i in the
+# backward of reduction="none"). Pass 1 over C tiles accumulates in fp32
 #     dot = p.t,  pp = |p|^2,  tt = |t|^2,  e = sum_c f(p_c - t_c)
 # with f = smoothL1_beta (f(x) = x^2 / (2 beta) if |x| < beta else |x| - beta / 2; beta = 0 is
 # |x|) or f(x) = x^2 (mse). With np = max(|p|, eps), nt = max(|t|, eps), cos = dot / (np nt):
 #     d   = w_cos (1 - cos) + w_e e / C           loss_i = s d
 # where (w_cos, w_e) = (alpha, 1 - alpha) for cos_smoothl1, (1, 0) for cos, (0, 1) for mse.
-# Pass 2 writes, over the same tiles, in place of P:
+# Pass 2 writes, over the same tiles (from registers when one tile covers the row), in place of P:
 #     dd/dp = w_cos (-t / (np nt) + [|p| > eps] cos p / np^2) + w_e f'(p - t) / C
 # since d(1 - cos)/dp = -t / (np nt) + dot / (np^2 nt) * d np/dp and d np/dp = p / |p| when
 # |p| > eps (0 where the clamp is active); f'(x) = x / beta if |x| < beta else sign(x) for
-# smoothL1 (sign(x) for beta = 0) and 2 x for mse. The stored value is s * dd/dp.
-# Masked (padding) lanes load p = t = 0 and contribute 0 to every sum.
-# The mean's 1 / sum_i w_i and a scalar grad_output are applied later, by the host (backward).
+# smoothL1 (sign(x) for beta = 0) and 2 x for mse. The stored value is s * norm * dd/dp with
+# norm the reduction's normaliser when it is folded (FOLD_NORM), else s * dd/dp.
+# Masked (padding) lanes load p = t = 0 and rows past the end get s = 0: they add 0 to every sum.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_stats(p, t, beta, inv_beta, HAS_COS: tl.constexpr, ELEM: tl.constexpr):
@@ -127,111 +148,215 @@ def _tile_grad(p, t, coef_p, coef_t, coef_e, beta, inv_beta, HAS_COS: tl.constex
 
 @triton.jit
 def _distill_rows_kernel(
-    P_ptr,  # (n_rows, n_cols) projection chunk, overwritten with s * dd/dp when WRITE_GRAD
+    P_ptr,  # (n_rows, n_cols) projection chunk, overwritten with the scaled dd/dp when WRITE_GRAD
     T_ptr,  # (n_rows, n_cols) target rows, any float dtype
-    S_ptr,  # (n_rows,) fp32 row scale
-    LOSS_ptr,  # (n_rows,) fp32 out: s * d
+    S_ptr,  # (n_rows,) fp32 row scale (read when HAS_ROW_SCALE)
+    DEN_ptr,  # () fp32 sum of the row weights: the weighted mean's denominator (read when HAS_DEN)
+    LOSS_ptr,  # (n_rows,) fp32 out: per-row s * d (when ROW_LOSSES)
+    PART_ptr,  # (programs, n_cols + 1) fp32 in/out: += column sums of dP, and in the last column
+    #            the normalised loss sum (when not ROW_LOSSES)
     n_rows,
     n_cols,
     stride_p,
     stride_t,
+    stride_part,
     w_cos,
     w_elem,
     beta,
     inv_beta,
     inv_cols,
     eps,
+    norm,  # 1/N for an unweighted mean, else 1
     HAS_COS: tl.constexpr,
     ELEM: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_DEN: tl.constexpr,
+    FOLD_NORM: tl.constexpr,  # dP carries the normaliser (fp32 / bf16) or not (fp16)
     WRITE_GRAD: tl.constexpr,
+    ROW_LOSSES: tl.constexpr,
+    COL_SUMS: tl.constexpr,
     ONE_TILE: tl.constexpr,  # BLOCK_C covers the row: pass 2 reuses the loaded tile
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    p_rows = P_ptr + rows64[:, None] * stride_p
-    t_rows = T_ptr + rows64[:, None] * stride_t
+    inv = norm
+    if HAS_DEN:
+        inv = inv / tl.maximum(tl.load(DEN_ptr), 1.1754943508222875e-38)
     col_offs = tl.arange(0, BLOCK_C)
+    loss_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    col_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    part_row = PART_ptr + pid * stride_part
 
-    if ONE_TILE:
-        m = row_ok[:, None] & (col_offs[None, :] < n_cols)
-        p1 = tl.load(p_rows + col_offs[None, :], mask=m, other=0.0).to(tl.float32)
-        t1 = tl.load(t_rows + col_offs[None, :], mask=m, other=0.0).to(tl.float32)
-        dot, pp, tt, esum = _tile_stats(p1, t1, beta, inv_beta, HAS_COS, ELEM)
-    else:
-        dot = tl.zeros([BLOCK_M], dtype=tl.float32)
-        pp = tl.zeros([BLOCK_M], dtype=tl.float32)
-        tt = tl.zeros([BLOCK_M], dtype=tl.float32)
-        esum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c0 in range(0, n_cols, BLOCK_C):
-            cols = c0 + col_offs
-            m = row_ok[:, None] & (cols[None, :] < n_cols)
-            p = tl.load(p_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            t = tl.load(t_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            d_dot, d_pp, d_tt, d_e = _tile_stats(p, t, beta, inv_beta, HAS_COS, ELEM)
-            dot += d_dot
-            pp += d_pp
-            tt += d_tt
-            esum += d_e
+    for block in range(pid, tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        p_rows = P_ptr + rows64[:, None] * stride_p
+        t_rows = T_ptr + rows64[:, None] * stride_t
 
-    s = tl.load(S_ptr + rows, mask=row_ok, other=0.0)
-    d = w_elem * esum * inv_cols
-    coef_p = tl.zeros([BLOCK_M], dtype=tl.float32)
-    coef_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_COS:
-        pn = tl.sqrt(pp)
-        npc = tl.maximum(pn, eps)
-        ntc = tl.maximum(tl.sqrt(tt), eps)
-        inv_pt = 1.0 / (npc * ntc)
-        cos = dot * inv_pt
-        d += w_cos * (1.0 - cos)
-        coef_t = -w_cos * s * inv_pt
-        coef_p = tl.where(pn > eps, w_cos * s * cos / (npc * npc), 0.0)
-    tl.store(LOSS_ptr + rows, s * d, mask=row_ok)
-
-    if WRITE_GRAD:
-        coef_e = w_elem * s * inv_cols
         if ONE_TILE:
-            g = _tile_grad(p1, t1, coef_p, coef_t, coef_e, beta, inv_beta, HAS_COS, ELEM)
-            tl.store(p_rows + col_offs[None, :], g.to(P_ptr.dtype.element_ty), mask=m)
+            m = row_ok[:, None] & (col_offs[None, :] < n_cols)
+            p1 = tl.load(p_rows + col_offs[None, :], mask=m, other=0.0).to(tl.float32)
+            t1 = tl.load(t_rows + col_offs[None, :], mask=m, other=0.0).to(tl.float32)
+            dot, pp, tt, esum = _tile_stats(p1, t1, beta, inv_beta, HAS_COS, ELEM)
         else:
+            dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+            pp = tl.zeros([BLOCK_M], dtype=tl.float32)
+            tt = tl.zeros([BLOCK_M], dtype=tl.float32)
+            esum = tl.zeros([BLOCK_M], dtype=tl.float32)
             for c0 in range(0, n_cols, BLOCK_C):
                 cols = c0 + col_offs
                 m = row_ok[:, None] & (cols[None, :] < n_cols)
                 p = tl.load(p_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 t = tl.load(t_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
-                g = _tile_grad(p, t, coef_p, coef_t, coef_e, beta, inv_beta, HAS_COS, ELEM)
-                tl.store(p_rows + cols[None, :], g.to(P_ptr.dtype.element_ty), mask=m)
+                d_dot, d_pp, d_tt, d_e = _tile_stats(p, t, beta, inv_beta, HAS_COS, ELEM)
+                dot += d_dot
+                pp += d_pp
+                tt += d_tt
+                esum += d_e
+
+        if HAS_ROW_SCALE:
+            s = tl.load(S_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            s = tl.where(row_ok, 1.0, 0.0)
+        d = w_elem * esum * inv_cols
+        coef_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+        coef_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sg = s  # the scale of the stored gradient
+        if FOLD_NORM:
+            sg = s * inv
+        if HAS_COS:
+            pn = tl.sqrt(pp)
+            npc = tl.maximum(pn, eps)
+            ntc = tl.maximum(tl.sqrt(tt), eps)
+            inv_pt = 1.0 / (npc * ntc)
+            cos = dot * inv_pt
+            d += w_cos * (1.0 - cos)
+            coef_t = -w_cos * sg * inv_pt
+            coef_p = tl.where(pn > eps, w_cos * sg * cos / (npc * npc), 0.0)
+        if ROW_LOSSES:
+            tl.store(LOSS_ptr + rows, s * d, mask=row_ok)
+        else:
+            loss_acc += s * d
+
+        if WRITE_GRAD:
+            coef_e = w_elem * sg * inv_cols
+            if ONE_TILE:
+                g = _tile_grad(p1, t1, coef_p, coef_t, coef_e, beta, inv_beta, HAS_COS, ELEM)
+                tl.store(p_rows + col_offs[None, :], g.to(P_ptr.dtype.element_ty), mask=m)
+                if COL_SUMS:
+                    col_acc += tl.sum(g, axis=0)
+            else:
+                for c0 in range(0, n_cols, BLOCK_C):
+                    cols = c0 + col_offs
+                    m = row_ok[:, None] & (cols[None, :] < n_cols)
+                    p = tl.load(p_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                    t = tl.load(t_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                    g = _tile_grad(p, t, coef_p, coef_t, coef_e, beta, inv_beta, HAS_COS, ELEM)
+                    tl.store(p_rows + cols[None, :], g.to(P_ptr.dtype.element_ty), mask=m)
+                    if COL_SUMS:  # wider than a tile: this program's row of the table, tile by tile
+                        cm = cols < n_cols
+                        tl.store(part_row + cols, tl.load(part_row + cols, mask=cm) + tl.sum(g, axis=0), mask=cm)
+
+    if COL_SUMS and ONE_TILE:
+        cm = col_offs < n_cols
+        tl.store(part_row + col_offs, tl.load(part_row + col_offs, mask=cm) + col_acc, mask=cm)
+    if not ROW_LOSSES:
+        tl.store(part_row + n_cols, tl.load(part_row + n_cols) + tl.sum(loss_acc, axis=0) * inv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernel: one launch for the three gradients kept from forward, with
+#     f = factor * grad_output (if HAS_G) / max(sum_i w_i, tiny) (if HAS_DEN)
+# dH *= f in place, skipped on the device when f == 1; dW_out = f dW and db_out = f db, cast to
+# the parameters' dtypes (in place when those are fp32). Programs [0, blocks(dH)) do dH, the
+# next blocks(dW) do dW, the rest db.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _scaled_block(SRC_ptr, DST_ptr, block, n, f, BLOCK: tl.constexpr):
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(SRC_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(DST_ptr + offs, (x * f).to(DST_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _scale_kernel(X_ptr, S_ptr, n, BLOCK: tl.constexpr):
-    """x *= s in place, s a one-element fp32 device tensor (no host sync), maths in fp32."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    s = tl.load(S_ptr)
-    x = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(X_ptr + offs, (x * s).to(X_ptr.dtype.element_ty), mask=m)
+def _finish_grads_kernel(
+    G_ptr, DEN_ptr,
+    DH_ptr, n_dh,
+    DW_ptr, DW_OUT_ptr, n_dw,
+    DB_ptr, DB_OUT_ptr, n_db,
+    factor,
+    HAS_G: tl.constexpr,
+    HAS_DEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    f = factor
+    if HAS_G:
+        f = f * tl.load(G_ptr).to(tl.float32)
+    if HAS_DEN:
+        f = f / tl.maximum(tl.load(DEN_ptr), 1.1754943508222875e-38)
+    pid = tl.program_id(0)
+    blocks_dh = tl.cdiv(n_dh, BLOCK)
+    blocks_dw = tl.cdiv(n_dw, BLOCK)
+    if pid < blocks_dh:
+        if f != 1.0:
+            _scaled_block(DH_ptr, DH_ptr, pid, n_dh, f, BLOCK)
+    elif pid < blocks_dh + blocks_dw:
+        _scaled_block(DW_ptr, DW_OUT_ptr, pid - blocks_dh, n_dw, f, BLOCK)
+    else:
+        _scaled_block(DB_ptr, DB_OUT_ptr, pid - blocks_dh - blocks_dw, n_db, f, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
-# Host launchers
+# Host side
 # ---------------------------------------------------------------------------------------------
-def _row_blocks(n_cols: int, interpreted: bool, block_c: Optional[int]):
-    """(BLOCK_M, BLOCK_C, num_warps). GPU: ~4096-element tiles, a whole row when C <= 4096.
-    Interpreter (CPU tensors): large tiles, few program instances."""
+class _Distance(NamedTuple):
+    has_cos: bool
+    elem: int
+    w_cos: float
+    w_elem: float
+    beta: float
+
+
+class _Tiling(NamedTuple):
+    block_m: int
+    block_c: int
+    num_warps: int
+    programs: int  # the most programs a launch of the row kernel uses (rows of the table)
+
+
+def _distance(distance: str, alpha: float, beta: float) -> _Distance:
+    has_cos, elem = _KERNEL_DISTANCES[distance]
+    if distance == "cos_smoothl1":
+        w_cos, w_elem = alpha, 1.0 - alpha
+    else:
+        w_cos, w_elem = (1.0, 0.0) if has_cos else (0.0, 1.0)
+    return _Distance(has_cos, elem, float(w_cos), float(w_elem), float(beta))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int]) -> _Tiling:
+    """GPU: ~4096-element tiles (a whole row when C <= 4096), PROGRAMS_PER_SM programs per SM.
+    Interpreter (CPU tensors) and meta: large tiles and at most 4 programs (still several row
+    blocks each, so the persistent loop is exercised)."""
+    on_gpu = device.type == "cuda"
     if block_c is None:
-        block_c = min(triton.next_power_of_2(max(n_cols, 1)), 1024 if interpreted else 4096)
+        block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
     elif block_c <= 0 or block_c & (block_c - 1):
         raise ValueError(f"block_c must be a positive power of two, got {block_c}")
-    if interpreted:
-        return 64, block_c, 4
-    block_m = max(1, 4096 // block_c)
-    num_warps = 8 if block_m * block_c >= 4096 else 4
-    return block_m, block_c, num_warps
+    if on_gpu:
+        block_m = max(1, 4096 // block_c)
+        num_warps = 8 if block_m * block_c >= 4096 else 4
+        most = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        block_m, num_warps, most = 16, 4, 4
+    return _Tiling(block_m, block_c, num_warps, max(1, min(triton.cdiv(chunk_rows, block_m), most)))
 
 
 def default_chunk_rows(n_rows: int, n_cols: int) -> int:
@@ -241,69 +366,112 @@ def default_chunk_rows(n_rows: int, n_cols: int) -> int:
     return max(1, min(rows, n_rows))
 
 
-def _launch_rows(p, t, scale, loss, *, has_cos, elem, w_cos, w_elem, beta, write_grad, block_c):
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_ok(device_type: str) -> bool:
+    """Whether 16-bit matrices multiply into an fp32 result on this device type
+    (``mm(out_dtype=)``: CUDA with torch >= 2.8, and meta, where the planner runs this op)."""
+    try:
+        a = torch.zeros(16, 16, device=device_type, dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as an fp32 tensor, accumulated in fp32 and never rounded to a 16-bit dtype."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if _mm_out_dtype_ok(a.device.type):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())  # CPU (the interpreter's tests): the same sums, upcast first
+
+
+def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance, *, norm, fold, write_grad,
+                  need, row_losses, chunk_rows, block_c):
+    """One sweep over row chunks. Returns (loss, dH or None, dW fp32 or None, db fp32 or None):
+    loss is the (N,) fp32 row losses when ``row_losses``, else the normalised scalar sum; the
+    gradients are sum_i row_scale_i dd_i/dP_i (times ``norm`` / den when ``fold``) pulled back
+    through the linear layer."""
+    n, c = hidden.shape[0], weight.shape[0]
+    rows = chunk_rows or default_chunk_rows(n, c)
+    tiling = _tiling(min(rows, n), c, hidden.device, block_c)
+    need_dh, need_dw, need_db = need if write_grad else (False, False, False)
+    loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device) if row_losses else None
+    table = None if row_losses else torch.zeros(tiling.programs, c + 1, dtype=torch.float32, device=hidden.device)
+    dh = torch.empty_like(hidden) if need_dh and rows < n else None  # several chunks: one dH, filled by rows
+    dw = None
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        if rows >= n:  # one chunk: no views (each is host work, see the docstring)
+            h, t, rs, lr = hidden, target, row_scale, loss_rows
+        else:
+            h, t, rs, lr = (None if x is None else x[s:e] for x in (hidden, target, row_scale, loss_rows))
+        p = F.linear(h, weight, bias)
+        _launch_rows(p, t, rs, den, lr, table, dist, tiling, norm=norm, fold=fold, write_grad=write_grad,
+                     col_sums=need_db)
+        if need_dh:
+            if rows >= n:
+                dh = torch.mm(p, weight)
+            else:
+                torch.mm(p, weight, out=dh[s:e])
+        if need_dw:
+            dw_c = _mm_fp32(p.t(), h)
+            dw = dw_c if dw is None else dw.add_(dw_c)
+        del p  # the next chunk's P reuses this block of the caching allocator
+    if row_losses:
+        return loss_rows, dh, dw, None
+    sums = table.sum(0)
+    return sums[c], dh, dw, (sums[:c] if need_db else None)
+
+
+def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling: _Tiling, *, norm, fold,
+                 write_grad, col_sums):
     n_rows, n_cols = p.shape
-    if n_rows == 0:
+    if n_rows == 0 or p.device.type == "meta":  # meta: the planner measures allocations only
         return
-    block_m, block_c, num_warps = _row_blocks(n_cols, p.device.type == "cpu", block_c)
-    grid = (triton.cdiv(n_rows, block_m),)
+    dummy = p  # never read: pointer arguments that a constexpr flag switches off
+    grid = (min(triton.cdiv(n_rows, tiling.block_m), tiling.programs),)
     _distill_rows_kernel[grid](
-        p, t, scale, loss,
-        n_rows, n_cols, p.stride(0), t.stride(0),
-        float(w_cos), float(w_elem), float(beta), 1.0 / beta if beta > 0 else 0.0, 1.0 / n_cols, COS_EPS,
-        HAS_COS=has_cos, ELEM=elem, WRITE_GRAD=write_grad, ONE_TILE=block_c >= n_cols,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        p, t, dummy if row_scale is None else row_scale, dummy if den is None else den,
+        dummy if loss_rows is None else loss_rows, dummy if table is None else table,
+        n_rows, n_cols, p.stride(0), t.stride(0), 0 if table is None else table.stride(0),
+        dist.w_cos, dist.w_elem, dist.beta, 1.0 / dist.beta if dist.beta > 0 else 0.0, 1.0 / n_cols, COS_EPS,
+        float(norm),
+        HAS_COS=dist.has_cos, ELEM=dist.elem, HAS_ROW_SCALE=row_scale is not None, HAS_DEN=den is not None,
+        FOLD_NORM=fold, WRITE_GRAD=write_grad, ROW_LOSSES=loss_rows is not None, COL_SUMS=col_sums,
+        ONE_TILE=tiling.block_c >= n_cols, BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c,
+        num_warps=tiling.num_warps,
     )
 
 
-def _scale_inplace(x: torch.Tensor, factor: torch.Tensor) -> None:
-    """x *= factor (a 0-dim fp32 device tensor): one pass over x in its own dtype, fp32 maths.
-    ``mul_`` by an fp32 tensor took ~4x the bandwidth time of dH on an H200 (profile_fused.py)."""
-    n = x.numel()
-    if n == 0:
-        return
-    block = 65536 if x.device.type == "cpu" else 4096
-    _scale_kernel[(triton.cdiv(n, block),)](x, factor.reshape(1).contiguous(), n, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+def _out_in(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Where the final fp32 gradient x goes: x itself for an fp32 parameter, else a new tensor."""
+    return x if x is None or dtype == torch.float32 else torch.empty_like(x, dtype=dtype)
 
 
-def _chunked_pass(hidden, weight, bias, target, scale, *, dist, write_grad, need, chunk_rows, block_c):
-    """One sweep over row chunks. Returns (row losses fp32 (N,), dH or None, dW fp32 or None,
-    db fp32 or None); the gradients are sum_i scale_i dd_i/dP_i pulled back through the linear."""
-    n, k = hidden.shape
-    c = weight.shape[0]
-    dev = hidden.device
-    has_cos, elem, w_cos, w_elem, beta = dist
-    need_dh, need_dw, need_db = need if write_grad else (False, False, False)
-    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
-    dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros(c, k, dtype=torch.float32, device=dev) if need_dw else None
-    db = torch.zeros(c, dtype=torch.float32, device=dev) if need_db else None
-    rows = chunk_rows or default_chunk_rows(n, c)
-    buf = torch.empty(min(rows, n), c, dtype=hidden.dtype, device=dev)
-    wt = weight.t()
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        h = hidden[s:e]
-        p = buf[: e - s]
-        if bias is None:
-            torch.mm(h, wt, out=p)
-        else:
-            torch.addmm(bias, h, wt, out=p)
-        _launch_rows(
-            p, target[s:e], scale[s:e], loss_rows[s:e],
-            has_cos=has_cos, elem=elem, w_cos=w_cos, w_elem=w_elem, beta=beta,
-            write_grad=write_grad, block_c=block_c,
-        )
-        if need_dh:
-            torch.mm(p, weight, out=dh[s:e])
-        if need_dw:
-            if p.dtype == torch.float32:
-                dw.addmm_(p.t(), h)
-            else:
-                dw.add_(torch.mm(p.t(), h))
-        if need_db:
-            db.add_(p.sum(0, dtype=torch.float32))
-    return loss_rows, dh, dw, db
+def _finish_grads(dh, dw, db, *, grad_out, den, factor, weight_dtype, bias_dtype):
+    """Final (dH, dW, db) from the kept ones: see ``_finish_grads_kernel``. dH is scaled in place;
+    dW and db come back in the parameters' dtypes. No launch when nothing is scaled or cast."""
+    dw_out, db_out = _out_in(dw, weight_dtype), _out_in(db, bias_dtype)
+    scaled = grad_out is not None or den is not None or factor != 1.0
+    n_dh = dh.numel() if dh is not None and scaled else 0
+    n_dw = dw.numel() if dw is not None and (scaled or dw_out is not dw) else 0
+    n_db = db.numel() if db is not None and (scaled or db_out is not db) else 0
+    present = next((x for x in (dh, dw, db) if x is not None), None)
+    if present is None or n_dh + n_dw + n_db == 0 or present.device.type == "meta":
+        return dh, dw_out, db_out
+    block = 4096 if present.is_cuda else 65536
+    grid = (triton.cdiv(n_dh, block) + triton.cdiv(n_dw, block) + triton.cdiv(n_db, block),)
+
+    def ptr(x):  # absent tensors: any pointer, never read (their count is 0, or their flag off)
+        return present if x is None else x
+
+    _finish_grads_kernel[grid](
+        ptr(grad_out), ptr(den), ptr(dh), n_dh, ptr(dw), ptr(dw_out), n_dw, ptr(db), ptr(db_out), n_db,
+        float(factor), HAS_G=grad_out is not None, HAS_DEN=den is not None, BLOCK=block,
+        num_warps=8 if present.is_cuda else 4,
+    )
+    return dh, dw_out, db_out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,65 +479,46 @@ def _chunked_pass(hidden, weight, bias, target, scale, *, dist, write_grad, need
 # ---------------------------------------------------------------------------------------------
 class FusedLinearDistillFunction(torch.autograd.Function):
     """Forward computes the loss and (for mean / sum, when ``want_grad``) all gradients; backward
-    scales them by grad_output. See the module docstring."""
+    finishes them with grad_output. See the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, row_weight, alpha, beta, distance, reduction,
-                want_grad, chunk_rows, block_c):
+    def forward(ctx, hidden, weight, bias, target, row_weight, dist, reduction, want_grad, chunk_rows, block_c):
         n = hidden.shape[0]
-        has_cos, elem = _KERNEL_DISTANCES[distance]
-        if distance == "cos_smoothl1":
-            w_cos, w_elem = alpha, 1.0 - alpha
-        else:
-            w_cos, w_elem = (1.0, 0.0) if has_cos else (0.0, 1.0)
-        dist = (has_cos, elem, w_cos, w_elem, float(beta))
         w_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         b_c = bias if bias is None or bias.dtype == hidden.dtype else bias.to(hidden.dtype)
-        if row_weight is None:
-            scale = torch.ones(n, dtype=torch.float32, device=hidden.device)
-        else:
-            scale = row_weight.to(device=hidden.device, dtype=torch.float32).contiguous()
+        scale = None if row_weight is None else row_weight.to(device=hidden.device, dtype=torch.float32).contiguous()
         need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                 bias is not None and bool(ctx.needs_input_grad[2]))
-        ctx.reduction = reduction
-        ctx.dist = dist
-        ctx.need = need
-        ctx.chunk_rows, ctx.block_c = chunk_rows, block_c
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.reduction, ctx.dist, ctx.need = reduction, dist, need
+        ctx.tiles = dict(chunk_rows=chunk_rows, block_c=block_c)
+        ctx.dtypes = dict(weight_dtype=weight.dtype, bias_dtype=None if bias is None else bias.dtype)
 
         if reduction == "none":
-            loss_rows, _, _, _ = _chunked_pass(
-                hidden, w_c, b_c, target, scale, dist=dist, write_grad=False, need=need,
-                chunk_rows=chunk_rows, block_c=block_c)
+            loss_rows, _, _, _ = _chunked_pass(hidden, w_c, b_c, target, scale, None, dist, norm=1.0, fold=False,
+                                               write_grad=False, need=need, row_losses=True, **ctx.tiles)
             ctx.save_for_backward(hidden, w_c, b_c, target, scale)
             return loss_rows
 
+        weighted_mean = reduction == "mean" and scale is not None
+        den = scale.sum() if weighted_mean else None  # on the device: no host sync
+        norm = 1.0 / max(n, 1) if reduction == "mean" and scale is None else 1.0
+        fold = hidden.dtype != torch.float16  # fp16 keeps dP unnormalised (underflow), see the docstring
         write_grad = bool(want_grad) and any(need)
-        loss_rows, dh, dw, db = _chunked_pass(
-            hidden, w_c, b_c, target, scale, dist=dist, write_grad=write_grad, need=need,
-            chunk_rows=chunk_rows, block_c=block_c)
-        total = loss_rows.sum()
-        denom = None  # mean: a device tensor (sum of row weights) or the Python float N, never a host sync
-        if reduction == "mean":
-            if row_weight is not None:
-                denom = scale.sum().clamp_min(torch.finfo(torch.float32).tiny)
-            else:
-                denom = float(max(n, 1))
-            total = total / denom
+        loss, dh, dw, db = _chunked_pass(hidden, w_c, b_c, target, scale, den, dist, norm=norm, fold=fold,
+                                         write_grad=write_grad, need=need, row_losses=False, **ctx.tiles)
         ctx.grads = (dh, dw, db) if write_grad else None
-        ctx.denom = denom
-        return total
+        ctx.den, ctx.factor = (None, 1.0) if fold else (den, norm)  # what backward still has to apply
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        need_dh, need_dw, need_db = ctx.need
         if ctx.reduction == "none":
             hidden, w_c, b_c, target, scale = ctx.saved_tensors
-            row_scale = scale * grad_out.to(torch.float32)
-            _, dh, dw, db = _chunked_pass(
-                hidden, w_c, b_c, target, row_scale.contiguous(), dist=ctx.dist, write_grad=True,
-                need=ctx.need, chunk_rows=ctx.chunk_rows, block_c=ctx.block_c)
+            g = grad_out.to(torch.float32)
+            row_scale = (g if scale is None else scale * g).contiguous()
+            _, dh, dw, db = _chunked_pass(hidden, w_c, b_c, target, row_scale, None, ctx.dist, norm=1.0, fold=False,
+                                          write_grad=True, need=ctx.need, row_losses=False, **ctx.tiles)
+            dh, dw, db = _finish_grads(dh, dw, db, grad_out=None, den=None, factor=1.0, **ctx.dtypes)
         else:
             if ctx.grads is None:
                 raise RuntimeError(
@@ -379,19 +528,10 @@ class FusedLinearDistillFunction(torch.autograd.Function):
                     "retain_graph=True.")
             dh, dw, db = ctx.grads
             ctx.grads = None
-            f = grad_out.to(torch.float32)
-            if ctx.denom is not None:
-                f = f / ctx.denom
-            if dh is not None:
-                _scale_inplace(dh, f)
-            if dw is not None:
-                dw.mul_(f)
-            if db is not None:
-                db.mul_(f)
-        dw = dw.to(ctx.weight_dtype) if dw is not None else None
-        db = db.to(ctx.bias_dtype) if db is not None else None
+            dh, dw, db = _finish_grads(dh, dw, db, grad_out=grad_out, den=ctx.den, factor=ctx.factor, **ctx.dtypes)
+        need_dh, need_dw, need_db = ctx.need
         return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def fused_linear_distill_triton(
@@ -434,5 +574,4 @@ def fused_linear_distill_triton(
             raise ValueError(f"the fused op gives no gradient to {name}; pass {name}.detach()")
     return FusedLinearDistillFunction.apply(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        target.contiguous(), row_weight, float(alpha), float(beta), distance, reduction,
-        grad_on, chunk_rows, block_c)
+        target.contiguous(), row_weight, _distance(distance, alpha, beta), reduction, grad_on, chunk_rows, block_c)

@@ -186,42 +186,6 @@ def build_meta_models(recipe: Recipe, notes: List[str]):
 
 
 # ----------------------------------------------------------------------------- measuring
-class _FusedKernelMemory(torch.autograd.Function):
-    """Stands in for the fused Triton head loss on meta: allocates what it allocates (gradients
-    computed in forward and kept, one chunk buffer) and runs its matmuls, so LiveBytes and the
-    FLOP counter see what the kernel costs."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk_rows):
-        n, k = hidden.shape
-        c = weight.shape[0]
-        loss_rows = hidden.new_empty(n, dtype=torch.float32)
-        scale = hidden.new_empty(n, dtype=torch.float32)
-        dh = torch.empty_like(hidden)
-        dw = hidden.new_zeros(c, k, dtype=torch.float32)
-        db = hidden.new_zeros(c, dtype=torch.float32)
-        buf = hidden.new_empty(min(chunk_rows, n), c)
-        for s in range(0, n, chunk_rows):
-            e = min(s + chunk_rows, n)
-            p = buf[: e - s]
-            torch.mm(hidden[s:e], weight.t(), out=p)
-            torch.mm(p, weight, out=dh[s:e])
-            if p.dtype == torch.float32:
-                dw.addmm_(p.t(), hidden[s:e])
-            else:
-                dw.add_(torch.mm(p.t(), hidden[s:e]))
-            db.add_(p.sum(0, dtype=torch.float32))
-        ctx.grads = (dh, dw, db)
-        del scale, buf
-        return loss_rows.sum() / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        dh, dw, db = ctx.grads
-        ctx.grads = None
-        return dh, dw.to(dh.dtype), db.to(dh.dtype), None, None
-
-
 def make_loss_fn(recipe: Recipe, backend: str):
     """``loss_fn(hidden, linear, target)`` as the trainer's ``FusedLinearDistill`` computes it,
     runnable on meta: the eager reference, or the fused kernel's allocations."""
@@ -229,23 +193,22 @@ def make_loss_fn(recipe: Recipe, backend: str):
 
     lo = recipe.loss
     if backend == "triton":
-        from ..kernels.linear_distill import default_chunk_rows
+        from ..kernels.linear_distill import fused_linear_distill_triton
 
         def fused(hidden, linear, target):
-            w = linear.weight.to(hidden.dtype)
-            b = linear.bias.to(hidden.dtype)
-            rows = default_chunk_rows(hidden.shape[0], w.shape[0])
-            return _FusedKernelMemory.apply(hidden, w, b, target, rows)
+            # the kernel's own host code: on meta it allocates what it allocates (the gradients
+            # kept from forward, a row chunk) and runs its matmuls, and skips the Triton launches
+            return fused_linear_distill_triton(hidden, linear.weight, linear.bias, target, alpha=lo.alpha,
+                                               beta=lo.beta, distance=lo.distance)
 
         return fused
 
     def eager(hidden, linear, target):
         # the reference's own body: its autocast(enabled=False) guard refuses the meta device, and
         # on meta there is no autocast to turn off
-        w = linear.weight.to(hidden.dtype)
-        b = linear.bias.to(hidden.dtype)
         compute = torch.promote_types(hidden.dtype, torch.float32)
-        return reference._reduce(hidden, w, b, target, None, lo.alpha, lo.beta, lo.distance, "mean", compute)
+        return reference._reduce(hidden, linear.weight, linear.bias, target, None, lo.alpha, lo.beta, lo.distance,
+                                 "mean", compute)
 
     return eager
 
