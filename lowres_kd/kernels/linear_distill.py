@@ -418,6 +418,9 @@ def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance,
             dw_c = _mm_fp32(p.t(), h)
             dw = dw_c if dw is None else dw.add_(dw_c)
         del p  # the next chunk's P reuses this block of the caching allocator
+    if n == 0:  # no rows: zero gradients, as the reference's autograd gives
+        dh = torch.zeros_like(hidden) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if need_dw else None
     if row_losses:
         return loss_rows, dh, dw, None
     sums = table.sum(0)

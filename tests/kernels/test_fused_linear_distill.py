@@ -157,6 +157,18 @@ def test_fully_masked_batch_is_zero(device, reduction):
         assert torch.isfinite(x.grad).all() and torch.all(x.grad == 0)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_rows(device, reduction):
+    """An empty batch: the reference's loss (0, or no rows) and zero gradients, not None."""
+    h, w, b, t = torch.randn(0, 8, device=device), torch.randn(5, 8, device=device), torch.randn(5, device=device), torch.randn(0, 5, device=device)
+    leaves = [x.requires_grad_() for x in (h, w, b)]
+    loss = _op()(*leaves, t, reduction=reduction)
+    loss.sum().backward()
+    assert torch.equal(loss, fused_linear_distill_reference(h, w, b, t, reduction=reduction).detach())
+    for x in leaves:
+        assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
+
+
 def test_mixed_dtypes_return_each_inputs_dtype(device):
     """bf16 activations with an fp32 head (what autocast training gives): dW, db come back fp32."""
     h, w, b, t, rw = _inputs(*SMALL, device)
