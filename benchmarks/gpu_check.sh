@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU (see ../shared/GPU.md): GPU tests, kernel benchmark.
-# Run on the device machine from the repository root with $OUT set; carry .whl (shipped-weight
+# Run on the device machine from the repository root with $OUT set; carry .gpuwhl (shipped-weight
 # wheels for the trainer test). Everything lands in $OUT: log.txt + kernels_<device>.{json,md,png}.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if ls .gpuwhl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwhl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -56,8 +56,8 @@ Dtypes: hidden / weight / bias in fp32, bf16 or fp16 (weight and bias are cast t
 dtype for the matmuls when they differ, as an fp32 head under autocast gives); the target in any
 float dtype (read and promoted to fp32 in the kernel). All statistics and dP are computed in
 fp32, dW / db accumulate in fp32; gradients come back in each input's own dtype; the loss is fp32
-(as the reference's). Autocast does not apply inside the op: it computes in the dtype it is
-given. No gradient flows to the target or the row weights (passing ones that require grad is
+(as the reference's). Autocast does not apply inside the op (it is switched off there): it
+computes in the dtype it is given. No gradient flows to the target or the row weights (passing ones that require grad is
 refused).
 
 Triton notes: only basic ``tl`` APIs (load/store/sum/where/sqrt, loops with runtime bounds), so
@@ -70,6 +70,7 @@ measures this op's allocations by running it (``lowres_kd.planner.profile``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -83,7 +84,7 @@ from ..losses.fused_linear_distill import check_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
-PROGRAMS_PER_SM = 8  # persistent row kernel: enough resident programs to hide memory latency
+PROGRAMS_PER_SM = 4  # persistent row kernel: about what fits on an SM at 8 warps, no second wave
 FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the reference's clamp of sum_i w_i
 
 # distance name -> (has the cosine term, elementwise term: 0 none, 1 smoothL1, 2 squared error)
@@ -270,8 +271,8 @@ def _distill_rows_kernel(
 # Backward kernel: one launch for the three gradients kept from forward, with
 #     f = factor * grad_output (if HAS_G) / max(sum_i w_i, tiny) (if HAS_DEN)
 # dH *= f in place, skipped on the device when f == 1; dW_out = f dW and db_out = f db, cast to
-# the parameters' dtypes (in place when those are fp32). Programs [0, blocks(dH)) do dH, the
-# next blocks(dW) do dW, the rest db.
+# the parameters' dtypes (in place when those are fp32). Programs [0, blocks_dh) do dH, the
+# next blocks_dw do dW, the rest db (block counts from the host: n + BLOCK - 1 could wrap int32).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _scaled_block(SRC_ptr, DST_ptr, block, n, f, BLOCK: tl.constexpr):
@@ -284,8 +285,8 @@ def _scaled_block(SRC_ptr, DST_ptr, block, n, f, BLOCK: tl.constexpr):
 @triton.jit
 def _finish_grads_kernel(
     G_ptr, DEN_ptr,
-    DH_ptr, n_dh,
-    DW_ptr, DW_OUT_ptr, n_dw,
+    DH_ptr, n_dh, blocks_dh,
+    DW_ptr, DW_OUT_ptr, n_dw, blocks_dw,
     DB_ptr, DB_OUT_ptr, n_db,
     factor,
     HAS_G: tl.constexpr,
@@ -298,8 +299,6 @@ def _finish_grads_kernel(
     if HAS_DEN:
         f = f / tl.maximum(tl.load(DEN_ptr), 1.1754943508222875e-38)
     pid = tl.program_id(0)
-    blocks_dh = tl.cdiv(n_dh, BLOCK)
-    blocks_dw = tl.cdiv(n_dw, BLOCK)
     if pid < blocks_dh:
         if f != 1.0:
             _scaled_block(DH_ptr, DH_ptr, pid, n_dh, f, BLOCK)
@@ -344,7 +343,8 @@ def _sm_count(index: int) -> int:
 def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int]) -> _Tiling:
     """GPU: ~4096-element tiles (a whole row when C <= 4096), PROGRAMS_PER_SM programs per SM.
     Interpreter (CPU tensors) and meta: large tiles and at most 4 programs (still several row
-    blocks each, so the persistent loop is exercised)."""
+    blocks each, so the persistent loop is exercised). The planner, on meta, thus sees a smaller
+    table than a GPU's: by up to PROGRAMS_PER_SM x SMs x (C + 1) x 4 bytes, ~2 MiB on an H200."""
     on_gpu = device.type == "cuda"
     if block_c is None:
         block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
@@ -368,13 +368,9 @@ def default_chunk_rows(n_rows: int, n_cols: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _mm_out_dtype_ok(device_type: str) -> bool:
-    """Whether 16-bit matrices multiply into an fp32 result on this device type
-    (``mm(out_dtype=)``: CUDA with torch >= 2.8, and meta, where the planner runs this op)."""
-    try:
-        a = torch.zeros(16, 16, device=device_type, dtype=torch.bfloat16)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
+    """Whether 16-bit matrices multiply into an fp32 result on this device type: ``mm(out_dtype=)``
+    (torch >= 2.8) has CUDA and meta kernels, where the planner runs this op. Allocates nothing."""
+    return device_type in ("cuda", "meta") and "dtype" in torch.ops.aten.mm.overloads()
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -424,7 +420,8 @@ def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance,
     if row_losses:
         return loss_rows, dh, dw, None
     sums = table.sum(0)
-    return sums[c], dh, dw, (sums[:c] if need_db else None)
+    # the loss is a copy, not a view of sums: a custom Function's output may then be changed in place
+    return sums[c].clone(), dh, dw, (sums[:c] if need_db else None)
 
 
 def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling: _Tiling, *, norm, fold,
@@ -447,6 +444,14 @@ def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling
     )
 
 
+def _no_autocast(device: torch.device):
+    """The op computes in the dtypes it is given. Autocast would recast ``F.linear`` and ``mm``
+    (not their ``out=`` forms), so it is switched off inside, when it is on."""
+    if device.type != "meta" and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _out_in(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Where the final fp32 gradient x goes: x itself for an fp32 parameter, else a new tensor."""
     return x if x is None or dtype == torch.float32 else torch.empty_like(x, dtype=dtype)
@@ -464,13 +469,13 @@ def _finish_grads(dh, dw, db, *, grad_out, den, factor, weight_dtype, bias_dtype
     if present is None or n_dh + n_dw + n_db == 0 or present.device.type == "meta":
         return dh, dw_out, db_out
     block = 4096 if present.is_cuda else 65536
-    grid = (triton.cdiv(n_dh, block) + triton.cdiv(n_dw, block) + triton.cdiv(n_db, block),)
+    blocks = [triton.cdiv(x, block) for x in (n_dh, n_dw, n_db)]
 
     def ptr(x):  # absent tensors: any pointer, never read (their count is 0, or their flag off)
         return present if x is None else x
 
-    _finish_grads_kernel[grid](
-        ptr(grad_out), ptr(den), ptr(dh), n_dh, ptr(dw), ptr(dw_out), n_dw, ptr(db), ptr(db_out), n_db,
+    _finish_grads_kernel[(sum(blocks),)](
+        ptr(grad_out), ptr(den), ptr(dh), n_dh, blocks[0], ptr(dw), ptr(dw_out), n_dw, blocks[1], ptr(db), ptr(db_out), n_db,
         float(factor), HAS_G=grad_out is not None, HAS_DEN=den is not None, BLOCK=block,
         num_warps=8 if present.is_cuda else 4,
     )
@@ -519,8 +524,9 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             hidden, w_c, b_c, target, scale = ctx.saved_tensors
             g = grad_out.to(torch.float32)
             row_scale = (g if scale is None else scale * g).contiguous()
-            _, dh, dw, db = _chunked_pass(hidden, w_c, b_c, target, row_scale, None, ctx.dist, norm=1.0, fold=False,
-                                          write_grad=True, need=ctx.need, row_losses=False, **ctx.tiles)
+            with _no_autocast(hidden.device):
+                _, dh, dw, db = _chunked_pass(hidden, w_c, b_c, target, row_scale, None, ctx.dist, norm=1.0,
+                                              fold=False, write_grad=True, need=ctx.need, row_losses=False, **ctx.tiles)
             dh, dw, db = _finish_grads(dh, dw, db, grad_out=None, den=None, factor=1.0, **ctx.dtypes)
         else:
             if ctx.grads is None:
@@ -575,6 +581,7 @@ def fused_linear_distill_triton(
     for name, t in (("target", target), ("row_weight", row_weight)):
         if grad_on and t is not None and t.requires_grad:
             raise ValueError(f"the fused op gives no gradient to {name}; pass {name}.detach()")
-    return FusedLinearDistillFunction.apply(
-        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        target.contiguous(), row_weight, _distance(distance, alpha, beta), reduction, grad_on, chunk_rows, block_c)
+    with _no_autocast(hidden.device):
+        return FusedLinearDistillFunction.apply(
+            hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            target.contiguous(), row_weight, _distance(distance, alpha, beta), reduction, grad_on, chunk_rows, block_c)
