@@ -1,7 +1,10 @@
 """Benchmark the fused linear + distillation op against the plain PyTorch baseline.
 
 Per shape (N rows, K hidden width, C teacher width) it times one forward + backward of
-  eager    the one reference, lowres_kd.losses.fused_linear_distill_reference
+  eager    the one reference, lowres_kd.losses.fused_linear_distill_reference (fp32 maths,
+           as the loss is defined: fp32 GEMMs for 16-bit inputs)
+  mixed    the same loss as a training loop would write it eagerly: the projection in the input
+           dtype (16-bit cuBLAS), the registered distance on its fp32 copy (GPU only)
   compile  torch.compile of that same reference (skipped, with the error recorded, if it fails)
   fused    the chunked Triton op (lowres_kd.kernels, backend="triton")
   matmul   three plain matmuls with the FLOPs of forward + backward (P = H W^T, P W, P^T H:
@@ -41,20 +44,21 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
 
 from lowres_kd.kernels import fused_linear_distill, triton_usable
 from lowres_kd.provenance import device_slug, environment  # noqa: E402
-from lowres_kd.losses import fused_linear_distill_reference  # the one reference: no second one here
+from lowres_kd.losses import DISTANCES, fused_linear_distill_reference  # the one reference: no second one here
 
 GPU_SHAPES = [(n, k, c) for n, k, c in itertools.product((4096, 16384, 65536), (768, 1024), (768, 1024, 1280))]
 QUICK_SHAPES = [(4096, 768, 768), (16384, 1024, 1024), (65536, 1024, 1280)]
 CPU_SHAPES = [(128, 48, 64), (256, 64, 96)]
-METHODS = ("eager", "compile", "fused", "matmul")
+METHODS = ("eager", "mixed", "compile", "fused", "matmul")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CPU_NOTE = "CPU run: timings are of the eager reference path only (no Triton, no ratios); memory is GPU-only"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].rstrip(".") + ". Times forward+backward of eager reference, "
-        "torch.compile(reference), the fused Triton op and a 3-matmul yardstick; writes JSON, Markdown and PNG.",
+        description=__doc__.split("\n\n")[0].rstrip(".") + ". Times forward+backward of the eager reference (fp32), "
+        "a mixed-precision eager version (GPU), torch.compile(reference), the fused Triton op and a 3-matmul "
+        "yardstick; writes JSON, Markdown and PNG.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output folder")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -133,6 +137,12 @@ def _make_inputs(n, k, c, dtype, device):
     return h, w, b, t
 
 
+def mixed_eager(h, w, b, t, row_weight, distance):
+    """The loss as eager training code writes it: projection in the input dtype, distance in fp32."""
+    pred = torch.nn.functional.linear(h, w, b)
+    return DISTANCES.get(distance)(pred.float(), t.float()).mean()
+
+
 def _methods(h, w, b, t, distance, device, use_compile) -> Dict[str, Callable[[], None]]:
     leaves = (h, w, b)
 
@@ -146,6 +156,7 @@ def _methods(h, w, b, t, distance, device, use_compile) -> Dict[str, Callable[[]
     ms: Dict[str, Callable[[], None]] = {"eager": step(fused_linear_distill_reference)}
     if device.type != "cuda":
         return ms
+    ms["mixed"] = step(mixed_eager)
     if use_compile:
         torch._dynamo.reset()  # a fresh compile per shape (and no recompile limit across shapes)
         ms["compile"] = step(torch.compile(fused_linear_distill_reference))
@@ -197,12 +208,13 @@ def ratios(rows: List[Dict]) -> List[Dict]:
 
     out = []
     for (n, k, c), m in by_shape.items():
-        f, e, cp, mm = med(m, "fused"), med(m, "eager"), med(m, "compile"), med(m, "matmul")
+        f, e, mx, cp, mm = med(m, "fused"), med(m, "eager"), med(m, "mixed"), med(m, "compile"), med(m, "matmul")
         fm = m.get("fused", {}).get("peak_extra_mib")
         em = m.get("eager", {}).get("peak_extra_mib")
         out.append({
             "N": n, "K": k, "C": c,
             "fused_vs_eager_speedup": e / f if e and f else None,
+            "fused_vs_mixed_speedup": mx / f if mx and f else None,
             "fused_vs_compile_speedup": cp / f if cp and f else None,
             "fused_over_eager_memory": fm / em if fm is not None and em else None,
             "fused_fraction_of_matmul_rate": mm / f if mm and f else None,
@@ -228,12 +240,13 @@ def write_markdown(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], not
                      f"{_fmt(r.get('p20_ms'), '.3f')} | {_fmt(r.get('p80_ms'), '.3f')} | {_fmt(r.get('host_median_ms'), '.3f')} | "
                      f"{_fmt(r.get('tflops'), '.3g')} | "
                      f"{_fmt(r.get('peak_extra_mib'), '.1f')} | {err} |")
-    lines += ["", "Ratios (fused = chunked Triton op; memory = peak extra allocation of one forward + backward):", "",
-              "| N | K | C | speed-up vs eager | speed-up vs compile | memory / eager | fraction of matmul rate |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Ratios (fused = chunked Triton op; eager = the fp32 reference; mixed eager = 16-bit projection, "
+              "fp32 distance; memory = peak extra allocation of one forward + backward):", "",
+              "| N | K | C | speed-up vs eager | vs mixed eager | vs compile | memory / eager | fraction of matmul rate |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rat:
         lines.append(f"| {r['N']} | {r['K']} | {r['C']} | {_fmt(r['fused_vs_eager_speedup'])} | "
-                     f"{_fmt(r['fused_vs_compile_speedup'])} | {_fmt(r['fused_over_eager_memory'], '.3f')} | "
+                     f"{_fmt(r.get('fused_vs_mixed_speedup'))} | {_fmt(r['fused_vs_compile_speedup'])} | {_fmt(r['fused_over_eager_memory'], '.3f')} | "
                      f"{_fmt(r['fused_fraction_of_matmul_rate'])} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -252,11 +265,13 @@ def write_plot(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], note: O
         ax.set_ylabel("eager reference, median ms")
         ax.set_title(f"{env['device_name']}\n{note}", fontsize=8)
     else:
-        keys = [("fused_vs_eager_speedup", "speed-up vs eager"), ("fused_vs_compile_speedup", "speed-up vs compile"),
+        keys = [("fused_vs_eager_speedup", "speed-up vs eager"), ("fused_vs_mixed_speedup", "speed-up vs mixed eager"),
+                ("fused_vs_compile_speedup", "speed-up vs compile"),
                 ("fused_over_eager_memory", "memory / eager"), ("fused_fraction_of_matmul_rate", "fraction of matmul rate")]
         width = 0.8 / len(keys)
         for i, (key, label) in enumerate(keys):
-            ax.bar([x + (i - 1.5) * width for x in range(len(rat))], [r[key] or 0.0 for r in rat], width, label=label)
+            ax.bar([x + (i - (len(keys) - 1) / 2) * width for x in range(len(rat))], [r.get(key) or 0.0 for r in rat],
+                   width, label=label)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(rat)), labels)
         ax.set_ylabel("ratio")

@@ -1,6 +1,8 @@
 """benchmarks/bench_kernels.py runs end to end on CPU (reference path only) and writes its files."""
 import json
 
+import torch
+
 from conftest import load_benchmark
 
 
@@ -31,9 +33,20 @@ def test_bench_kernels_cpu_writes_json_md_png(tmp_path):
 def test_bench_kernels_ratios_from_rows():
     bench = load_benchmark("bench_kernels")
     rows = [{"N": 1, "K": 2, "C": 3, "method": m, "median_ms": ms, "peak_extra_mib": mem, "error": None}
-            for m, ms, mem in [("eager", 4.0, 100.0), ("compile", 2.0, 50.0), ("fused", 1.0, 10.0), ("matmul", 0.5, 5.0)]]
+            for m, ms, mem in [("eager", 4.0, 100.0), ("mixed", 3.0, 90.0), ("compile", 2.0, 50.0), ("fused", 1.0, 10.0),
+                               ("matmul", 0.5, 5.0)]]
     (r,) = bench.ratios(rows)
     assert r["fused_vs_eager_speedup"] == 4.0 and r["fused_vs_compile_speedup"] == 2.0
+    assert r["fused_vs_mixed_speedup"] == 3.0
     assert r["fused_over_eager_memory"] == 0.1 and r["fused_fraction_of_matmul_rate"] == 0.5
-    rows[1]["error"] = "RuntimeError: compile failed"
+    rows[2]["error"] = "RuntimeError: compile failed"
     assert bench.ratios(rows)[0]["fused_vs_compile_speedup"] is None
+
+
+def test_mixed_eager_baseline_is_the_same_loss():
+    """The GPU-only 'mixed' baseline computes the reference's loss (equal in fp32)."""
+    bench = load_benchmark("bench_kernels")
+    h, w, b, t = bench._make_inputs(64, 16, 24, torch.float32, torch.device("cpu"))
+    for distance in ("cos_smoothl1", "mse"):
+        torch.testing.assert_close(bench.mixed_eager(h, w, b, t, None, distance),
+                                   bench.fused_linear_distill_reference(h, w, b, t, None, distance=distance))
