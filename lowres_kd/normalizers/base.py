@@ -32,7 +32,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Tuple
+from typing import Callable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -66,6 +66,9 @@ class Normalizer(nn.Module):
     kind: str = "normalizer"
     #: whether ``fit`` subtracts the calibration mean (False only for the identity ablation).
     centers: bool = True
+    #: whether the transform mixes channels through the covariance's eigenbasis, so that a
+    #: rank-deficient covariance (no more samples than channels) leaves part of it arbitrary.
+    uses_eigenbasis: bool = False
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -168,6 +171,17 @@ class Normalizer(nn.Module):
     def num_samples(self) -> int:
         """Rows seen by ``update`` since the last ``reset_stats``."""
         return 0 if self._stat_n is None else int(self._stat_n.item())
+
+    def rank_note(self) -> Optional[str]:
+        """Why this fit is not reproducible, or None: with n <= C samples the covariance has rank
+        < C, and an eigenbasis-based transform rotates its null space as float rounding decides
+        (valid, but another summation order, e.g. another batch size, gives another rotation)."""
+        n, c = self.num_samples, self.channels
+        if not self.uses_eigenbasis or n == 0 or n > c:
+            return None
+        return (f"{self.kind} fitted on {n} samples for {c} channels: the covariance is rank-deficient, so the "
+                f"rotation of its null space is set by float rounding; calibrate on more than {c} images for a "
+                f"reproducible one")
 
     @torch.no_grad()
     def fit(self) -> "Normalizer":

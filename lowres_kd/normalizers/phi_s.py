@@ -72,6 +72,8 @@ def constant_diagonal_rotation(lam: torch.Tensor) -> torch.Tensor:
 
 @register("phi-s")
 class PhiS(Normalizer):
+    uses_eigenbasis = True
+
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__(channels, eps)
         self.register_buffer("construction_id", torch.tensor(UNFITTED, dtype=torch.uint8))

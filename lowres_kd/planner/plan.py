@@ -186,7 +186,7 @@ def estimate(recipe: Recipe, prof: RecipeProfile, gpu_mem: int, world_size: int 
         temp, how = _optimizer_temporaries(prof, s)
         comps.append(Component("optimizer step temporaries", temp, 0, "optimizer", how))
     comps.append(Component("normalisers", prof.normaliser_bytes, 0, "always",
-                           "fp32 mean + transform + inverse; float64 calibration statistics"))
+                           "fp32 mean + transform + inverse (calibration statistics are freed after the fit)"))
     dev, cpu, how = both["buffers"]
     comps.append(Component(f"engine buffers ({prof.engine})", dev, cpu, "always", how))
     act = "checkpointed: segment inputs" if ckpt else "kept for backward"

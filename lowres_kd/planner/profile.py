@@ -330,7 +330,7 @@ def _measure_recipe(recipe: Recipe, device_type: str, engine: str) -> RecipeProf
         frozen_numel=sum(t.numel() for t in frozen if t.is_floating_point()),
         frozen_fixed_bytes=sum(t.numel() * t.element_size() for t in frozen if not t.is_floating_point()),
         largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in trained.modules()),
-        normaliser_bytes=_normaliser_bytes(model, recipe),
+        normaliser_bytes=_normaliser_bytes(model),
         teachers=[], notes=notes,
         measure_step=lambda ckpt, batch: _step_profile(model, recipe, specs, ckpt, batch, autocast, loss_fn))
     from_cache = recipe.teachers_from == "cache"
@@ -357,17 +357,10 @@ def _step_profile(model, recipe, specs, checkpointing: bool, batch: int, autocas
     return StepProfile(flops_per_image=flops, **parts)
 
 
-def _normaliser_bytes(model, recipe: Recipe) -> int:
-    """Normaliser buffers (fp32: mean, transform, inverse), plus the float64 calibration
-    statistics (C x C scatter, mean, count) that ``fit`` leaves in place after a live calibration."""
-    total = 0
-    for mods in (model.norm_global, model.norm_dense):
-        for norm in mods.values():
-            total += sum(b.numel() * b.element_size() for b in norm.buffers())
-            if recipe.teachers_from == "live":
-                c = norm.channels
-                total += 8 * (c * c + c + 1)
-    return total
+def _normaliser_bytes(model) -> int:
+    """Normaliser buffers (fp32: mean, transform, inverse). The float64 calibration statistics
+    are freed once the normalisers are fitted, before the first step."""
+    return sum(b.numel() * b.element_size() for mods in (model.norm_global, model.norm_dense) for b in mods.buffers())
 
 
 __all__ = ["PlanError", "RecipeProfile", "StepProfile", "TeacherProfile", "build_meta_models",

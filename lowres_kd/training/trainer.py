@@ -396,9 +396,13 @@ class Trainer:
             for name, f in self.teacher_features(images.to(self.device)).items():
                 self.model.norm_global[name].update(f.global_)
                 self.model.norm_dense[name].update(f.dense)
-        for name in self.model.heads:
-            self.model.norm_global[name].fit()
-            self.model.norm_dense[name].fit()
+        for kind, norms in (("global", self.model.norm_global), ("dense", self.model.norm_dense)):
+            for name, norm in norms.items():
+                norm.fit()
+                note = norm.rank_note()
+                if note and self.dist.rank == 0:
+                    tqdm.write(f"note: teacher {name}, {kind} features: {note} (space.calibration_images)")
+                norm.reset_stats()  # float64 C x C statistics: no longer needed once fitted
         self.model.train(was)
 
     # ------------------------------------------------------------------ loss

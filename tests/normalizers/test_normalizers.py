@@ -157,6 +157,29 @@ def test_buffers_keep_float32_and_gradients_flow(name):
     assert norm.num_samples == 0 and norm.is_fitted
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_rank_note_only_for_eigenbasis_transforms_on_too_few_samples(name):
+    few, enough = _fitted(name, 12, _features(12, 12)), _fitted(name, 12, _features(13, 12))
+    assert enough.rank_note() is None
+    if NORMALIZERS.get(name).uses_eigenbasis:
+        assert "12 samples for 12 channels" in few.rank_note()
+    else:
+        assert few.rank_note() is None
+
+
+def test_phi_s_null_space_is_arbitrary_only_below_full_rank():
+    """Why the note exists: the same samples summed in another order give another transform when
+    rank-deficient, the same one (to rounding) at full rank."""
+    for n, same in ((8, False), (200, True)):
+        x = _features(n, 12)
+        one, other = build_normalizer("phi-s", 12), build_normalizer("phi-s", 12)
+        one.update(x)
+        for chunk in x.flip(0).split(3):
+            other.update(chunk)
+        close = torch.allclose(one.fit().tx, other.fit().tx, atol=1e-4)
+        assert close == same, n
+
+
 # ------------------------------------------------------------------ per kind
 
 
