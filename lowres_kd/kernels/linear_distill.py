@@ -14,8 +14,8 @@ Design (the fused-linear-cross-entropy idea, re-derived for a regression distanc
   two, so a chunk is <= 64 MiB in bf16 / 128 MiB in fp32; smaller chunks left the matmuls too
   small to fill an H200, see benchmarks/results). For each chunk:
     1. ``P_c = H_c W^T + b`` by the vendor matmul (cuBLAS) in the input dtype;
-    2. ``_distill_rows_kernel``, a persistent kernel (a few programs per SM, each looping over
-       blocks of rows), reads each row of P_c and T_c once into registers (twice from memory
+    2. ``_distill_rows_kernel`` (each program loops over ``BLOCKS_PER_PROGRAM`` blocks of rows)
+       reads each row of P_c and T_c once into registers (twice from memory
        only when C is wider than one tile), computes the row statistics (p.t, |p|^2, |t|^2, sum of
        smoothL1 / squared error) in fp32, then overwrites ``P_c`` in place with
        norm * w_i * dd_i/dP_i (fp32 maths, stored in the input dtype). Each program also sums
@@ -64,8 +64,7 @@ Triton notes: only basic ``tl`` APIs (load/store/sum/where/sqrt, loops with runt
 it runs on Triton 3.6 and 3.8; the kernels use no ``tl.dot`` (the matmuls are cuBLAS), so the
 interpreter's bf16 ``tl.dot`` bug does not apply. Block sizes are fixed heuristics, no
 ``@triton.autotune`` (which the interpreter refuses); on CPU tensors (``TRITON_INTERPRET=1``) big
-tiles and few programs are used, since the interpreter's cost grows with the number of program
-instances. On the meta device the host code runs and the launches are skipped, so the planner
+tiles are used, since the interpreter's cost grows with the number of tiles it steps through. On the meta device the host code runs and the launches are skipped, so the planner
 measures this op's allocations by running it (``lowres_kd.planner.profile``).
 """
 from __future__ import annotations
@@ -84,7 +83,8 @@ from ..losses.fused_linear_distill import check_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
-PROGRAMS_PER_SM = 4  # persistent row kernel: about what fits on an SM at 8 warps, no second wave
+BLOCKS_PER_PROGRAM = 8  # row blocks each program of the row kernel loops over: many small programs
+#                        balance across SMs whatever their occupancy, and the table stays small
 FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the reference's clamp of sum_i w_i
 
 # distance name -> (has the cosine term, elementwise term: 0 none, 1 smoothL1, 2 squared error)
@@ -335,16 +335,11 @@ def _distance(distance: str, alpha: float, beta: float) -> _Distance:
     return _Distance(has_cos, elem, float(w_cos), float(w_elem), float(beta))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int]) -> _Tiling:
-    """GPU: ~4096-element tiles (a whole row when C <= 4096), PROGRAMS_PER_SM programs per SM.
-    Interpreter (CPU tensors) and meta: large tiles and at most 4 programs (still several row
-    blocks each, so the persistent loop is exercised). The planner, on meta, thus sees a smaller
-    table than a GPU's: by up to PROGRAMS_PER_SM x SMs x (C + 1) x 4 bytes, ~2 MiB on an H200."""
+    """GPU: ~4096-element tiles (a whole row when C <= 4096). Interpreter (CPU tensors) and meta:
+    large tiles, since the interpreter's cost grows with the number of tiles it steps through.
+    The planner, on meta, thus sees a smaller table than a GPU's (at most ~4 MiB smaller). Every
+    program takes BLOCKS_PER_PROGRAM row blocks (fewer when the chunk is short)."""
     on_gpu = device.type == "cuda"
     if block_c is None:
         block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
@@ -353,10 +348,10 @@ def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optiona
     if on_gpu:
         block_m = max(1, 4096 // block_c)
         num_warps = 8 if block_m * block_c >= 4096 else 4
-        most = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
-        block_m, num_warps, most = 16, 4, 4
-    return _Tiling(block_m, block_c, num_warps, max(1, min(triton.cdiv(chunk_rows, block_m), most)))
+        block_m, num_warps = 16, 4
+    programs = triton.cdiv(triton.cdiv(chunk_rows, block_m), BLOCKS_PER_PROGRAM)
+    return _Tiling(block_m, block_c, num_warps, max(1, programs))
 
 
 def default_chunk_rows(n_rows: int, n_cols: int) -> int:
