@@ -64,8 +64,9 @@ Triton notes: only basic ``tl`` APIs (load/store/sum/where/sqrt, loops with runt
 it runs on Triton 3.6 and 3.8; the kernels use no ``tl.dot`` (the matmuls are cuBLAS), so the
 interpreter's bf16 ``tl.dot`` bug does not apply. Block sizes are fixed heuristics, no
 ``@triton.autotune`` (which the interpreter refuses); on CPU tensors (``TRITON_INTERPRET=1``) big
-tiles are used, since the interpreter's cost grows with the number of tiles it steps through. On the meta device the host code runs and the launches are skipped, so the planner
-measures this op's allocations by running it (``lowres_kd.planner.profile``).
+tiles are used, since the interpreter's cost grows with the number of tiles it steps through.
+On the meta device the host code runs and the launches are skipped, so the planner measures
+this op's allocations by running it (``lowres_kd.planner.profile``).
 """
 from __future__ import annotations
 
@@ -470,7 +471,10 @@ def _finish_grads(dh, dw, db, *, grad_out, den, factor, weight_dtype, bias_dtype
         return present if x is None else x
 
     _finish_grads_kernel[(sum(blocks),)](
-        ptr(grad_out), ptr(den), ptr(dh), n_dh, blocks[0], ptr(dw), ptr(dw_out), n_dw, blocks[1], ptr(db), ptr(db_out), n_db,
+        ptr(grad_out), ptr(den),
+        ptr(dh), n_dh, blocks[0],
+        ptr(dw), ptr(dw_out), n_dw, blocks[1],
+        ptr(db), ptr(db_out), n_db,
         float(factor), HAS_G=grad_out is not None, HAS_DEN=den is not None, BLOCK=block,
         num_warps=8 if present.is_cuda else 4,
     )

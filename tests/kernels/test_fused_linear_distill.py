@@ -160,7 +160,7 @@ def test_fully_masked_batch_is_zero(device, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_no_rows(device, reduction):
     """An empty batch: the reference's loss (0, or no rows) and zero gradients, not None."""
-    h, w, b, t = torch.randn(0, 8, device=device), torch.randn(5, 8, device=device), torch.randn(5, device=device), torch.randn(0, 5, device=device)
+    h, w, b, t = (torch.randn(*shape, device=device) for shape in ((0, 8), (5, 8), (5,), (0, 5)))
     leaves = [x.requires_grad_() for x in (h, w, b)]
     loss = _op()(*leaves, t, reduction=reduction)
     loss.sum().backward()
