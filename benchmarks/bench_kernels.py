@@ -138,7 +138,10 @@ def _make_inputs(n, k, c, dtype, device):
 
 
 def mixed_eager(h, w, b, t, row_weight, distance):
-    """The loss as eager training code writes it: projection in the input dtype, distance in fp32."""
+    """The loss as eager training code writes it: projection in the input dtype, distance in fp32.
+    (Same arguments as the reference; the benchmark passes no row weights.)"""
+    if row_weight is not None:
+        raise ValueError("mixed_eager takes no row weights")
     pred = torch.nn.functional.linear(h, w, b)
     return DISTANCES.get(distance)(pred.float(), t.float()).mean()
 

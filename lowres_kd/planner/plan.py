@@ -193,7 +193,7 @@ def estimate(recipe: Recipe, prof: RecipeProfile, gpu_mem: int, world_size: int 
     comps.append(Component("student activations", step.student, 0, "step",
                            f"{act}, batch {batch}"))
     comps.append(Component("head activations", step.heads, 0, "step", "trunks (LayerNorm, Linear, GELU)"))
-    loss_how = ("fused kernel: kept gradients + one row chunk" if prof.loss_backend == "triton"
+    loss_how = ("fused kernel: kept gradients + one row chunk + a small fp32 table" if prof.loss_backend == "triton"
                 else "eager: the (rows x C) projection in fp32 and its temporaries")
     comps.append(Component("loss buffers", step.loss, 0, "step", loss_how))
     comps.append(Component("working memory", step.working(fresh_grads), 0, "step",

@@ -400,8 +400,10 @@ class Trainer:
             for name, norm in norms.items():
                 norm.fit()
                 note = norm.rank_note()
-                if note and self.dist.rank == 0:
-                    tqdm.write(f"note: teacher {name}, {kind} features: {note} (space.calibration_images)")
+                if note and self.dist.rank == 0:  # a map gives one sample per position
+                    images = -(-(norm.channels + 1) * n // norm.num_samples)
+                    tqdm.write(f"note: teacher {name}, {kind} features: {note} "
+                               f"(space.calibration_images: {images} or more)")
                 norm.reset_stats()  # float64 C x C statistics: no longer needed once fitted
         self.model.train(was)
 

@@ -20,7 +20,7 @@ def test_bench_kernels_cpu_writes_json_md_png(tmp_path):
     assert [(r["N"], r["K"], r["C"], r["method"]) for r in rows] == [(32, 16, 24, "eager"), (48, 20, 36, "eager")]
     for r in rows:
         assert r["error"] is None and r["dtype"] == "bfloat16" and r["peak_extra_mib"] is None
-        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["repeats"] == 3
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["repeats"] == 3 and r["host_median_ms"] > 0
         for key in ("device_name", "torch", "triton", "git_sha", "note"):
             assert key in r
     assert "reference path" in data["meta"]["note"]
@@ -44,9 +44,13 @@ def test_bench_kernels_ratios_from_rows():
 
 
 def test_mixed_eager_baseline_is_the_same_loss():
-    """The GPU-only 'mixed' baseline computes the reference's loss (equal in fp32)."""
+    """The GPU-only 'mixed' baseline computes the reference's loss: equal in fp32; in bf16 its
+    distance is still fp32, so it differs only by the projection's bf16 rounding."""
     bench = load_benchmark("bench_kernels")
-    h, w, b, t = bench._make_inputs(64, 16, 24, torch.float32, torch.device("cpu"))
-    for distance in ("cos_smoothl1", "mse"):
-        torch.testing.assert_close(bench.mixed_eager(h, w, b, t, None, distance),
-                                   bench.fused_linear_distill_reference(h, w, b, t, None, distance=distance))
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        h, w, b, t = bench._make_inputs(64, 16, 24, dtype, torch.device("cpu"))
+        for distance in ("cos_smoothl1", "mse"):
+            got = bench.mixed_eager(h, w, b, t, None, distance)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, bench.fused_linear_distill_reference(h, w, b, t, None, distance=distance),
+                                       rtol=tol, atol=tol)

@@ -88,7 +88,7 @@ def test_nothing_fits_names_the_biggest_components(recipe):
     biggest = plan.estimate.largest(3)
     for c in biggest:
         assert c.name in plan.error
-    assert biggest[0].name == "normalisers"  # 104 MiB of fp32 transforms and float64 statistics
+    assert biggest[0].name == "normalisers"  # 52 MiB of fp32 transforms and their inverses
     assert "DOES NOT FIT" in plan.table() and plan.error in plan.table()
 
 

@@ -1,0 +1,42 @@
+"""Both engines on a real device through the trainer: DeepSpeed ZeRO-2 (optimizer on CPU) and
+ZeRO-3 against the torch engine, with teachers a GPU machine has without extra weight packages
+(the shipped MobileNetV2 base and a random-weight timm ViT). On CUDA the student runs in bf16, so
+the tolerance is bf16's; the CPU variant checks the same plumbing in fp32 (gloo)."""
+import csv
+
+import pytest
+
+from lowres_kd.training.trainer import Trainer
+
+pytest.importorskip("deepspeed")
+
+TEACHERS = [{"name": "mobilenet", "family": "mobilenet_v2", "input_size": 64, "base": True},
+            {"name": "vit", "family": "timm", "model": "vit_tiny_patch16_224", "weights": "none", "input_size": 64}]
+
+
+def _losses(recipe):
+    trainer = Trainer(recipe, progress=False).setup()
+    trainer.train()
+    with (recipe.run_dir / "log.csv").open() as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)], trainer.engine.describe()
+
+
+CASES = [
+    pytest.param("cpu", 3, "none", id="cpu-zero3"),  # the CPU stages and offload: test_engines.py
+    pytest.param("cuda", 2, "cpu", id="cuda-zero2-offload", marks=pytest.mark.gpu),
+    pytest.param("cuda", 3, "none", id="cuda-zero3", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,stage,offload", CASES)
+def test_deepspeed_tracks_the_torch_engine(tiny_recipe, tmp_path, device, stage, offload):
+    common = dict(teachers=TEACHERS, student={"mode": "full"}, space={"calibration_images": 8},
+                  optim={"lr": 1e-3, "warmup_steps": 1, "grad_clip": 1.0},
+                  train={"steps": 4, "batch_size": 4, "checkpoint_every": 100, "device": device})
+    reference, _ = _losses(tiny_recipe(output_dir=str(tmp_path / "torch"), engine="torch", **common))
+    got, described = _losses(tiny_recipe(output_dir=str(tmp_path / "ds"), engine="deepspeed",
+                                          deepspeed={"zero_stage": stage, "offload_optimizer": offload}, **common))
+    assert f"ZeRO-{stage}" in described
+    assert got == pytest.approx(reference, rel=3e-2 if device == "cuda" else 2e-4), (got, reference)
+    assert got[-1] < got[0]
