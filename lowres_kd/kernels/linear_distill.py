@@ -39,10 +39,10 @@ Design (the fused-linear-cross-entropy idea, re-derived for a regression distanc
   backward recomputes P chunk by chunk with the row scale w_i g_i. Same memory bound, one extra
   projection matmul.
 * Host work is what decides the time at small N (4k rows: ~1 ms of CPU time per call against
-  ~0.1 ms of GPU work, measured on an H200 with the previous, 30-op version), so the path is
-  kept to about ten aten ops and two Triton launches per forward + backward: no per-chunk views
-  when there is one chunk, no scale vector without row weights, no separate bias reduction, loss
-  division or cast.
+  ~0.1 ms of GPU work, measured on an H200 with the previous, 29-op version), so the path is
+  kept to 14 aten ops (autograd's own included) and two Triton launches per forward +
+  backward: no per-chunk views when there is one chunk, no scale vector without row weights, no
+  separate bias reduction, loss division or cast.
 
 Cost. FLOPs: 6 N K C in matmuls for forward + backward (P, dH, dW: 2 N K C each), exactly those of
 eager autograd, plus O(N C) elementwise work in the kernel (P and T read once, dP written once);
