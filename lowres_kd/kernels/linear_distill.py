@@ -14,7 +14,7 @@ Design (the fused-linear-cross-entropy idea, re-derived for a regression distanc
   two, so a chunk is <= 64 MiB in bf16 / 128 MiB in fp32; smaller chunks left the matmuls too
   small to fill an H200, see benchmarks/results). For each chunk:
     1. ``P_c = H_c W^T + b`` by the vendor matmul (cuBLAS) in the input dtype;
-    2. ``_distill_rows_kernel`` (each program loops over ``BLOCKS_PER_PROGRAM`` blocks of rows)
+    2. ``_distill_rows_kernel`` (each program loops over ``ROWS_PER_PROGRAM`` rows, in blocks)
        reads each row of P_c and T_c once into registers (twice from memory
        only when C is wider than one tile), computes the row statistics (p.t, |p|^2, |t|^2, sum of
        smoothL1 / squared error) in fp32, then overwrites ``P_c`` in place with
@@ -84,9 +84,14 @@ from ..losses.fused_linear_distill import check_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
-BLOCKS_PER_PROGRAM = 8  # row blocks each program of the row kernel loops over: many small programs
-#                        balance across SMs whatever their occupancy, and the table stays small
-FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the reference's clamp of sum_i w_i
+# Row kernel tile on a GPU, in elements. Compiled for sm_90 (tests/kernels/gpu_compile.py
+# --resources), 4096-element tiles at 8 warps took 128 registers a thread and spilled, leaving 2
+# programs (16 warps) an SM; 2048-element tiles take 64-78 registers, no spill, 3-4 programs.
+GPU_TILE = 2048
+# Rows each program of the row kernel loops over: enough programs to fill an H200 once (512 for a
+# 16k-row chunk), while its row of the table (zeroed, added to, summed: ~16 bytes a column) stays
+# under a tenth of the traffic of its 32 rows (P read and written, T read: 6 bytes a column in bf16).
+ROWS_PER_PROGRAM = 32
 
 # distance name -> (has the cosine term, elementwise term: 0 none, 1 smoothL1, 2 squared error)
 _KERNEL_DISTANCES = {"cos_smoothl1": (True, 1), "cos": (True, 0), "mse": (False, 2)}
@@ -183,7 +188,7 @@ def _distill_rows_kernel(
 ):
     pid = tl.program_id(0)
     inv = norm
-    if HAS_DEN:
+    if HAS_DEN:  # 1.17...e-38 = torch.finfo(float32).tiny, the reference's clamp of sum_i w_i
         inv = inv / tl.maximum(tl.load(DEN_ptr), 1.1754943508222875e-38)
     col_offs = tl.arange(0, BLOCK_C)
     loss_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -337,21 +342,21 @@ def _distance(distance: str, alpha: float, beta: float) -> _Distance:
 
 
 def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int]) -> _Tiling:
-    """GPU: ~4096-element tiles (a whole row when C <= 4096). Interpreter (CPU tensors) and meta:
+    """GPU: GPU_TILE-element tiles (a whole row when C <= 4096). Interpreter (CPU tensors) and meta:
     large tiles, since the interpreter's cost grows with the number of tiles it steps through.
     The planner, on meta, thus sees a smaller table than a GPU's (at most ~4 MiB smaller). Every
-    program takes BLOCKS_PER_PROGRAM row blocks (fewer when the chunk is short)."""
+    program takes about ROWS_PER_PROGRAM rows, in blocks of block_m."""
     on_gpu = device.type == "cuda"
     if block_c is None:
         block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
     elif block_c <= 0 or block_c & (block_c - 1):
         raise ValueError(f"block_c must be a positive power of two, got {block_c}")
-    if on_gpu:
-        block_m = max(1, 4096 // block_c)
-        num_warps = 8 if block_m * block_c >= 4096 else 4
+    if on_gpu:  # 8 fp32 values of P and of T per thread: no spills, ~half occupancy on sm_90
+        block_m = max(1, GPU_TILE // block_c)
+        num_warps = max(4, min(16, block_m * block_c // 256))
     else:
         block_m, num_warps = 16, 4
-    programs = triton.cdiv(triton.cdiv(chunk_rows, block_m), BLOCKS_PER_PROGRAM)
+    programs = triton.cdiv(triton.cdiv(chunk_rows, block_m), triton.cdiv(ROWS_PER_PROGRAM, block_m))
     return _Tiling(block_m, block_c, num_warps, max(1, programs))
 
 
