@@ -13,8 +13,9 @@ and reports median / p20 / p80 over repeats (after warmup; CUDA events), the med
 issue a run (CPU side, no sync: when it is close to the device time, host work bounds the run),
 the peak extra GPU memory
 (torch.cuda.max_memory_allocated minus the memory held once inputs exist, stats reset before
-each method; it includes the returned gradients), and the ratios: fused speed-up over eager and
-over compile, fused memory / eager memory, and the fused rate as a fraction of the matmul rate.
+each method; it includes the returned gradients), and the ratios: fused speed-up over eager,
+mixed and compile, fused memory / eager memory, and the fused rate as a fraction of the matmul
+rate.
 
 Without CUDA only the eager reference runs, on tiny shapes: those timings are of the reference
 path on CPU, memory is GPU-only (null), and no ratio is computed; the outputs say so.
@@ -93,26 +94,28 @@ def _quantiles(ms: List[float], host_ms: List[float]) -> Dict[str, float]:
 
 def _time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int):
     """(device ms, host ms) per run. Host ms is the CPU time to issue the run (no sync on CUDA): a
-    device time close to it means the run is bound by host work, not by the GPU."""
+    device time close to it means the run is bound by host work, not by the GPU. On CPU both are
+    the wall time."""
     for _ in range(warmup):
         fn()
+    cuda = device.type == "cuda"
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+              for _ in range(repeats)]
+    if cuda:
+        torch.cuda.synchronize(device)
     host = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for start, end in events:
-            t0 = time.perf_counter()
-            start.record()
-            fn()
-            end.record()
-            host.append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in events], host
-    for _ in range(repeats):
+    for pair in events:
         t0 = time.perf_counter()
+        if pair:
+            pair[0].record()
         fn()
+        if pair:
+            pair[1].record()
         host.append((time.perf_counter() - t0) * 1e3)
-    return host, host
+    if not cuda:
+        return host, host
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events], host
 
 
 def _peak_extra_mib(fn: Callable[[], None], device: torch.device, leaves) -> Optional[float]:

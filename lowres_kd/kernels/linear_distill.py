@@ -57,8 +57,8 @@ dtype for the matmuls when they differ, as an fp32 head under autocast gives); t
 float dtype (read and promoted to fp32 in the kernel). All statistics and dP are computed in
 fp32, dW / db accumulate in fp32; gradients come back in each input's own dtype; the loss is fp32
 (as the reference's). Autocast does not apply inside the op (it is switched off there): it
-computes in the dtype it is given. No gradient flows to the target or the row weights (passing ones that require grad is
-refused).
+computes in the dtype it is given. No gradient flows to the target or the row weights (passing
+ones that require grad is refused).
 
 Triton notes: only basic ``tl`` APIs (load/store/sum/where/sqrt, loops with runtime bounds), so
 it runs on Triton 3.6 and 3.8; the kernels use no ``tl.dot`` (the matmuls are cuBLAS), so the
@@ -116,6 +116,12 @@ _KERNEL_DISTANCES = {"cos_smoothl1": (True, 1), "cos": (True, 0), "mse": (False,
 # norm the reduction's normaliser when it is folded (FOLD_NORM), else s * dd/dp.
 # Masked (padding) lanes load p = t = 0 and rows past the end get s = 0: they add 0 to every sum.
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def _weight_sum(DEN_ptr):
+    """sum_i w_i, clamped as the reference clamps it (at torch.finfo(float32).tiny)."""
+    return tl.maximum(tl.load(DEN_ptr), 1.1754943508222875e-38)
+
+
 @triton.jit
 def _tile_stats(p, t, beta, inv_beta, HAS_COS: tl.constexpr, ELEM: tl.constexpr):
     """Per-row partial sums of one (BLOCK_M, BLOCK_C) tile: p.t, |p|^2, |t|^2, sum f(p - t)."""
@@ -188,8 +194,8 @@ def _distill_rows_kernel(
 ):
     pid = tl.program_id(0)
     inv = norm
-    if HAS_DEN:  # 1.17...e-38 = torch.finfo(float32).tiny, the reference's clamp of sum_i w_i
-        inv = inv / tl.maximum(tl.load(DEN_ptr), 1.1754943508222875e-38)
+    if HAS_DEN:
+        inv = inv / _weight_sum(DEN_ptr)
     col_offs = tl.arange(0, BLOCK_C)
     loss_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     col_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -303,7 +309,7 @@ def _finish_grads_kernel(
     if HAS_G:
         f = f * tl.load(G_ptr).to(tl.float32)
     if HAS_DEN:
-        f = f / tl.maximum(tl.load(DEN_ptr), 1.1754943508222875e-38)
+        f = f / _weight_sum(DEN_ptr)
     pid = tl.program_id(0)
     if pid < blocks_dh:
         if f != 1.0:
@@ -395,11 +401,12 @@ def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance,
     need_dh, need_dw, need_db = need if write_grad else (False, False, False)
     loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device) if row_losses else None
     table = None if row_losses else torch.zeros(tiling.programs, c + 1, dtype=torch.float32, device=hidden.device)
-    dh = torch.empty_like(hidden) if need_dh and rows < n else None  # several chunks: one dH, filled by rows
+    one_chunk = rows >= n
+    dh = torch.empty_like(hidden) if need_dh and not one_chunk else None  # several chunks: one dH, filled by rows
     dw = None
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        if rows >= n:  # one chunk: no views (each is host work, see the docstring)
+        if one_chunk:  # no views (each is host work, see the docstring)
             h, t, rs, lr = hidden, target, row_scale, loss_rows
         else:
             h, t, rs, lr = (None if x is None else x[s:e] for x in (hidden, target, row_scale, loss_rows))
@@ -407,7 +414,7 @@ def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance,
         _launch_rows(p, t, rs, den, lr, table, dist, tiling, norm=norm, fold=fold, write_grad=write_grad,
                      col_sums=need_db)
         if need_dh:
-            if rows >= n:
+            if one_chunk:
                 dh = torch.mm(p, weight)
             else:
                 torch.mm(p, weight, out=dh[s:e])

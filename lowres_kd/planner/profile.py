@@ -188,7 +188,8 @@ def build_meta_models(recipe: Recipe, notes: List[str]):
 # ----------------------------------------------------------------------------- measuring
 def make_loss_fn(recipe: Recipe, backend: str):
     """``loss_fn(hidden, linear, target)`` as the trainer's ``FusedLinearDistill`` computes it,
-    runnable on meta: the eager reference, or the fused kernel's allocations."""
+    runnable on meta: the eager reference's body, or the fused kernel's host code (on meta it
+    allocates as on a GPU and skips the Triton launches)."""
     from ..losses import fused_linear_distill as reference
 
     lo = recipe.loss
@@ -196,8 +197,6 @@ def make_loss_fn(recipe: Recipe, backend: str):
         from ..kernels.linear_distill import fused_linear_distill_triton
 
         def fused(hidden, linear, target):
-            # the kernel's own host code: on meta it allocates what it allocates (the gradients
-            # kept from forward, a row chunk) and runs its matmuls, and skips the Triton launches
             return fused_linear_distill_triton(hidden, linear.weight, linear.bias, target, alpha=lo.alpha,
                                                beta=lo.beta, distance=lo.distance)
 

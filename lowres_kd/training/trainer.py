@@ -400,7 +400,7 @@ class Trainer:
             for name, norm in norms.items():
                 norm.fit()
                 note = norm.rank_note()
-                if note and self.dist.rank == 0:  # a map gives one sample per position
+                if note and self.dist.is_main:  # a map gives one sample per position
                     images = -(-(norm.channels + 1) * n // norm.num_samples)
                     tqdm.write(f"note: teacher {name}, {kind} features: {note} "
                                f"(space.calibration_images: {images} or more)")
