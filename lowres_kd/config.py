@@ -271,10 +271,24 @@ def _build(cls, data, prefix: str, errors: List[str]):
         return None
 
 
+def _student_families() -> List[str]:
+    from .teachers import TEACHERS, can_be_student
+
+    return [f for f in TEACHERS.list() if can_be_student(f)]
+
+
 def _check_values(r: Recipe, errors: List[str]) -> None:
     def need(ok: bool, key: str, allowed: str, value):
         if not ok:
             errors.append(f"{key}: {value!r} is not allowed; {allowed}")
+
+    def need_shipped(key: str, family: str, weights: str):
+        """``shipped`` only for a family whose weights ship inside a package."""
+        if weights == "shipped" and family in choices["teacher.family"]:
+            from .teachers import ships_weights
+
+            need(ships_weights(family), key, f"hub, none or a file for the {family} family (no weights ship with it)",
+                 weights)
 
     choices = {**CHOICES, **_registry_choices()}
     for key in ("student.mode", "loss.kernels", "train.device", "space.normalizer", "loss.distance", "cache.dtype",
@@ -303,18 +317,12 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
         need(t.weight is None or t.weight >= 0, f"{k}.weight", "a weight >= 0 or null (1/T)", t.weight)
         need(t.layer == "last" or isinstance(t.layer, int) and t.layer >= 0, f"{k}.layer", "'last' or a block index >= 0",
              t.layer)
-        if t.family in choices["teacher.family"]:
-            from .teachers import ships_weights
-
-            need(not (t.weights == "shipped" and not ships_weights(t.family)), f"{k}.weights",
-                 f"hub, none or a file for the {t.family} family (no weights ship with it)", t.weights)
+        need_shipped(f"{k}.weights", t.family, t.weights)
         need(t.bits in (16, 8, 4), f"{k}.bits", "16, 8 or 4", t.bits)
         need(0 <= t.min_fidelity <= 1, f"{k}.min_fidelity", "a cosine in [0, 1]", t.min_fidelity)
         if t.base and t.family in choices["teacher.family"]:
-            from .teachers import TEACHERS, can_be_student
-
-            bases = [f for f in TEACHERS.list() if can_be_student(f)]
-            need(can_be_student(t.family), f"{k}.family", f"a family that can be the student's base: {', '.join(bases)}",
+            bases = _student_families()
+            need(t.family in bases, f"{k}.family", f"a family that can be the student's base: {', '.join(bases)}",
                  t.family)
         if t.base and r.student.mode == "adapter":
             need(t.bits == 16, f"{k}.bits", "16 for the base teacher in adapter mode (it is the student's own "
@@ -336,16 +344,9 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
             need(getattr(s, key) == "", f"student.{key}", "'' in adapter mode (the student is the base teacher "
                  "itself; use mode full for a different backbone)", getattr(s, key))
     if s.family:
-        from .teachers import TEACHERS, can_be_student
-
-        bases = [f for f in TEACHERS.list() if can_be_student(f)]
+        bases = _student_families()
         need(s.family in bases, "student.family", f"'' or a family that can be the student: {', '.join(bases)}", s.family)
-    family = s.family or next((t.family for t in r.teachers if t.base), "")
-    if s.weights == "shipped" and family in choices["teacher.family"]:
-        from .teachers import ships_weights
-
-        need(ships_weights(family), "student.weights", f"hub, none or a file for the {family} family "
-             "(no weights ship with it)", s.weights)
+    need_shipped("student.weights", s.family or next((t.family for t in r.teachers if t.base), ""), s.weights)
     if s.weights not in ("", "shipped", "hub", "none") and not Path(s.weights).is_file():
         errors.append(f"student.weights: file not found: {s.weights} (or use '' | shipped | hub | none)")
     ds = r.deepspeed
