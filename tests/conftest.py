@@ -1,4 +1,6 @@
-"""Test set-up: Triton's interpreter without CUDA, fresh seeds per test, the gpu marker."""
+"""Test set-up: Triton's interpreter without CUDA, fresh seeds per test, the gpu marker; helpers
+to build a tiny recipe, read a run's log and import a benchmark script."""
+import csv
 import os
 import random
 import zlib
@@ -65,6 +67,26 @@ def tiny_recipe(tmp_path):
         return recipe_from_dict(tiny_recipe_dict(tmp_path / "run", **sections))
 
     return make
+
+
+def read_log(run_dir):
+    """The rows of a run's log.csv, one per logged step."""
+    with (run_dir / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def logged_losses(run_dir):
+    """The loss of every logged step of a run."""
+    return [float(r["loss"]) for r in read_log(run_dir)]
+
+
+def train_to_end(recipe):
+    """Set up and train a recipe to its last step; the trainer (its run lies in recipe.run_dir)."""
+    from lowres_kd.training.trainer import Trainer
+
+    trainer = Trainer(recipe, progress=False).setup()
+    trainer.train()
+    return trainer
 
 
 def load_benchmark(name: str):

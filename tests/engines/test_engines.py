@@ -4,24 +4,19 @@ CPU with gloo, against the plain torch engine; 8-bit AdamW; resume through DeepS
 DeepSpeed compiles its communication op on first use (about 30 s here) and its CPU AdamW for
 the offload test (1-2 min); both are cached in ~/.cache/torch_extensions afterwards.
 """
-import csv
 import json
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import logged_losses, train_to_end
 from lowres_kd.training import checkpoint as ckpt
 from lowres_kd.training.distributed import DistEnv
 from lowres_kd.training.engines import ENGINES
 from lowres_kd.training.trainer import NonFiniteLossError, Trainer
 
 pytest.importorskip("deepspeed")
-
-
-def losses(run_dir):
-    with (run_dir / "log.csv").open() as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
 def engine_recipe(tiny_recipe, engine, **sections):
@@ -34,12 +29,6 @@ def engine_recipe(tiny_recipe, engine, **sections):
                        optim={"lr": 1e-3, "warmup_steps": 1, "grad_clip": 1.0}, **sections)
 
 
-def run(recipe):
-    trainer = Trainer(recipe, progress=False).setup()
-    trainer.train()
-    return trainer
-
-
 @pytest.fixture(scope="module")
 def torch_losses(tmp_path_factory):
     from conftest import tiny_recipe_dict
@@ -49,30 +38,30 @@ def torch_losses(tmp_path_factory):
         return recipe_from_dict(tiny_recipe_dict(tmp_path_factory.mktemp("torch") / "run", **sections))
 
     torch.manual_seed(0)
-    return losses(run(engine_recipe(make, "torch")).recipe.run_dir)
+    return logged_losses(train_to_end(engine_recipe(make, "torch")).recipe.run_dir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_zero_stages_match_the_torch_engine(tiny_recipe, torch_losses, stage):
-    trainer = run(engine_recipe(tiny_recipe, "deepspeed", deepspeed={"zero_stage": stage}))
+    trainer = train_to_end(engine_recipe(tiny_recipe, "deepspeed", deepspeed={"zero_stage": stage}))
     assert trainer.engine.name == "deepspeed" and f"ZeRO-{stage}" in trainer.engine.describe()
-    got = losses(trainer.recipe.run_dir)
+    got = logged_losses(trainer.recipe.run_dir)
     assert len(got) == 3 and got[0] == pytest.approx(torch_losses[0], rel=1e-5)  # same data, same start
     assert got == pytest.approx(torch_losses, rel=2e-4), (got, torch_losses)  # and the same updates
 
 
 @pytest.mark.slow
 def test_deepspeed_cpu_adam_offload_matches_the_torch_engine(tiny_recipe, torch_losses):
-    trainer = run(engine_recipe(tiny_recipe, "deepspeed", deepspeed={"zero_stage": 2, "offload_optimizer": "cpu"}))
+    trainer = train_to_end(engine_recipe(tiny_recipe, "deepspeed", deepspeed={"zero_stage": 2, "offload_optimizer": "cpu"}))
     assert "DeepSpeedCPUAdam" in trainer.engine.describe() or "offload_optimizer cpu" in trainer.engine.describe()
-    assert losses(trainer.recipe.run_dir) == pytest.approx(torch_losses, rel=2e-4)
+    assert logged_losses(trainer.recipe.run_dir) == pytest.approx(torch_losses, rel=2e-4)
 
 
 @pytest.mark.slow
 def test_deepspeed_resume_continues_exactly(tiny_recipe, tmp_path):
     straight = engine_recipe(tiny_recipe, "deepspeed", output_dir=str(tmp_path / "straight"), train={"steps": 4})
-    expected = losses(run(straight).recipe.run_dir)
+    expected = logged_losses(train_to_end(straight).recipe.run_dir)
     broken = engine_recipe(tiny_recipe, "deepspeed", output_dir=str(tmp_path / "broken"),
                            train={"steps": 4, "checkpoint_every": 2})
     trainer = Trainer(broken, progress=False).setup()
@@ -82,7 +71,7 @@ def test_deepspeed_resume_continues_exactly(tiny_recipe, tmp_path):
     resumed = engine_recipe(tiny_recipe, "deepspeed", output_dir=str(tmp_path / "broken"), train={"steps": 4})
     run_resumed = Trainer(resumed, resume=True, progress=False).setup()
     run_resumed.train()
-    assert losses(broken.run_dir) == pytest.approx(expected, rel=1e-6)
+    assert logged_losses(broken.run_dir) == pytest.approx(expected, rel=1e-6)
     # a checkpoint of one engine is not resumed by the other
     other = engine_recipe(tiny_recipe, "torch", output_dir=str(tmp_path / "broken"), train={"steps": 6})
     with pytest.raises(ValueError, match="engine"):
@@ -107,7 +96,7 @@ def test_deepspeed_skips_non_finite_steps(tiny_recipe, monkeypatch, stage):
         trainer.train()
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     assert all(torch.isfinite(p).all() for p in params)
-    logged = losses(recipe.run_dir)
+    logged = logged_losses(recipe.run_dir)
     assert len(logged) == 3 and logged[0] > 0 and [str(v) for v in logged[1:]] == ["nan", "nan"]
 
 

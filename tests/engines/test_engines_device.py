@@ -2,11 +2,9 @@
 ZeRO-3 against the torch engine, with teachers a GPU machine has without extra weight packages
 (the shipped MobileNetV2 base and a random-weight timm ViT). On CUDA the student runs in bf16, so
 the tolerance is bf16's; the CPU variant checks the same plumbing in fp32 (gloo)."""
-import csv
-
 import pytest
 
-from lowres_kd.training.trainer import Trainer
+from conftest import logged_losses, train_to_end
 
 pytest.importorskip("deepspeed")
 
@@ -15,10 +13,8 @@ TEACHERS = [{"name": "mobilenet", "family": "mobilenet_v2", "input_size": 64, "b
 
 
 def _losses(recipe):
-    trainer = Trainer(recipe, progress=False).setup()
-    trainer.train()
-    with (recipe.run_dir / "log.csv").open() as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)], trainer.engine.describe()
+    trainer = train_to_end(recipe)
+    return logged_losses(recipe.run_dir), trainer.engine.describe()
 
 
 CASES = [

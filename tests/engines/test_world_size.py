@@ -1,6 +1,5 @@
 """World size 2 on CPU (gloo), launched by torchrun like a real multi-GPU run: both ranks take
 their half of each global batch, and the logged losses equal one process on the whole batch."""
-import csv
 import os
 import subprocess
 import sys
@@ -8,13 +7,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import tiny_recipe_dict
+from conftest import logged_losses, tiny_recipe_dict
 from lowres_kd.training.distributed import free_port
-
-
-def losses(run_dir):
-    with (run_dir / "log.csv").open() as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
 def launch(tmp_path, name, nproc, engine, batch_size):
@@ -41,7 +35,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, engine):
     two, out = launch(tmp_path, "two", 2, engine, batch_size=2)
     one, _ = launch(tmp_path, "one", 1, engine, batch_size=4)
     assert "world size 2" in out
-    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert logged_losses(two) == pytest.approx(logged_losses(one), rel=1e-4)
     # rank 0 alone wrote the run: one log, checkpoints with the whole run's data position
     import json
 

@@ -2,18 +2,15 @@
 the PyTorch reference: the fused op inside the real loop, through the heads' module wrapper.
 (AdamW's updates hardly depend on a gradient's overall scale, so a wrong constant factor in the
 gradients would not show here; the kernel tests compare every gradient with the reference.)"""
-import csv
 import os
 
 import pytest
 
-from lowres_kd.training.trainer import Trainer
+from conftest import logged_losses, train_to_end
 
 
 def _losses(recipe):
-    Trainer(recipe, progress=False).setup().train()
-    with (recipe.run_dir / "log.csv").open() as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
+    return logged_losses(train_to_end(recipe).recipe.run_dir)
 
 
 def test_triton_kernels_in_the_training_loop_match_the_reference(tiny_recipe, tmp_path, monkeypatch):

@@ -1,6 +1,4 @@
 """Reliability: SIGKILL + resume, the run-directory lock, bad images, OOM, hostile checkpoints."""
-import csv
-import os
 import pickle
 import signal
 import subprocess
@@ -15,7 +13,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import lowres_kd
-from conftest import tiny_recipe_dict
+from conftest import read_log, tiny_recipe_dict
 from lowres_kd.config import recipe_from_dict
 from lowres_kd.teachers.weights import shipped_file
 from lowres_kd.training import checkpoint as ckpt
@@ -24,8 +22,7 @@ from lowres_kd.training.trainer import Trainer, TrainingOutOfMemory
 
 
 def losses(run_dir):
-    with (run_dir / "log.csv").open() as f:
-        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+    return {int(r["step"]): float(r["loss"]) for r in read_log(run_dir)}
 
 
 def cli(*args, **kwargs):
@@ -112,8 +109,7 @@ def test_bad_images_are_skipped_counted_and_listed(tmp_path):
         assert name in listed
     for converted in ("rgba.png", "sixteen_bit.png", "palette.png"):
         assert converted not in listed
-    with (recipe.run_dir / "log.csv").open() as f:
-        assert max(int(r["bad_images"]) for r in csv.DictReader(f)) >= 1
+    assert max(int(r["bad_images"]) for r in read_log(recipe.run_dir)) >= 1
 
 
 def test_out_of_memory_stops_with_advice_and_an_intact_checkpoint(tmp_path, monkeypatch):

@@ -1,20 +1,15 @@
 """Training on real shipped teachers: the loss falls, checkpoints round-trip, resume is exact."""
-import csv
 import json
 
 import pytest
 import torch
 
 import lowres_kd
+from conftest import read_log
 from lowres_kd.cli import main
 from lowres_kd.data import collate_images
 from lowres_kd.training import checkpoint as ckpt
 from lowres_kd.training.trainer import NonFiniteLossError, ResumeMismatch, Trainer, lr_at
-
-
-def read_log(run_dir):
-    with (run_dir / "log.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow

@@ -1,18 +1,14 @@
 """The trainer on CUDA: bf16 autocast and the Triton kernels inside the real loop (gpu marker)."""
-import csv
-
 import pytest
 import torch
 
-from lowres_kd.training.trainer import Trainer
+from conftest import logged_losses, train_to_end
 
 pytestmark = pytest.mark.gpu
 
 
 def _losses(recipe):
-    Trainer(recipe, progress=False).setup().train()
-    with (recipe.run_dir / "log.csv").open() as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
+    return logged_losses(train_to_end(recipe).recipe.run_dir)
 
 
 def test_cuda_training_with_triton_kernels_matches_torch_reference(tiny_recipe, tmp_path):
