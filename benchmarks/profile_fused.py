@@ -1,5 +1,6 @@
-"""Where the time of one fused forward+backward goes (CUDA): torch.profiler's kernel table for the
-fused op and the eager reference at one shape. A diagnostic for tuning, not a benchmark."""
+"""Where the time of one fused forward+backward goes (CUDA): torch.profiler's tables for the fused
+op and the eager reference at one shape, by GPU time (what the kernels cost) and by host time (what
+issuing them costs: at 4k rows this bounds the op). A diagnostic for tuning, not a benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def main() -> None:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(f"== {backend} {args.shape} (5 steps)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        for key in ("cuda_time_total", "self_cpu_time_total"):
+            print(f"== {backend} {args.shape} (5 steps), by {key}")
+            print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

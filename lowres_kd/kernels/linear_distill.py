@@ -347,22 +347,27 @@ def _distance(distance: str, alpha: float, beta: float) -> _Distance:
     return _Distance(has_cos, elem, float(w_cos), float(w_elem), float(beta))
 
 
-def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int]) -> _Tiling:
-    """GPU: GPU_TILE-element tiles (a whole row when C <= 4096). Interpreter (CPU tensors) and meta:
-    large tiles, since the interpreter's cost grows with the number of tiles it steps through.
-    The planner, on meta, thus sees a smaller table than a GPU's (at most ~4 MiB smaller). Every
-    program takes about ROWS_PER_PROGRAM rows, in blocks of block_m."""
+def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int], *,
+            tile: Optional[int] = None, rows_per_program: int = ROWS_PER_PROGRAM) -> _Tiling:
+    """GPU: ``tile``-element tiles (default GPU_TILE; a whole row when C <= 4096). Interpreter (CPU
+    tensors) and meta, unless ``tile`` is given: large tiles, since the interpreter's cost grows with
+    the number of tiles it steps through. The planner, on meta, thus sees a smaller table than a
+    GPU's (at most ~4 MiB smaller). Every program takes about ``rows_per_program`` rows, in blocks
+    of block_m. ``tile`` and ``rows_per_program`` are overridden by benchmarks/tune_rows.py only."""
     on_gpu = device.type == "cuda"
     if block_c is None:
         block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
-    elif block_c <= 0 or block_c & (block_c - 1):
-        raise ValueError(f"block_c must be a positive power of two, got {block_c}")
-    if on_gpu:  # 8 fp32 values of P and of T per thread: no spills, ~half occupancy on sm_90
-        block_m = max(1, GPU_TILE // block_c)
+    for name, value in (("block_c", block_c), ("tile", tile)):
+        if value is not None and (value <= 0 or value & (value - 1)):
+            raise ValueError(f"{name} must be a positive power of two, got {value}")
+    if rows_per_program < 1:
+        raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
+    if on_gpu or tile is not None:  # 8 fp32 values of P and of T per thread: no spills, ~half occupancy on sm_90
+        block_m = max(1, (tile or GPU_TILE) // block_c)
         num_warps = max(4, min(16, block_m * block_c // 256))
     else:
         block_m, num_warps = 16, 4
-    programs = triton.cdiv(triton.cdiv(chunk_rows, block_m), triton.cdiv(ROWS_PER_PROGRAM, block_m))
+    programs = triton.cdiv(triton.cdiv(chunk_rows, block_m), triton.cdiv(rows_per_program, block_m))
     return _Tiling(block_m, block_c, num_warps, max(1, programs))
 
 
