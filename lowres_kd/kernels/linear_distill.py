@@ -85,8 +85,8 @@ from ..losses.fused_linear_distill import check_inputs
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
 # Row kernel tile on a GPU, in elements. Compiled for sm_90 (tests/kernels/gpu_compile.py
-# --resources), 4096-element tiles at 8 warps took 128 registers a thread and spilled, leaving 2
-# programs (16 warps) an SM; 2048-element tiles take 64-78 registers, no spill, 3-4 programs.
+# --resources), 4096-element tiles at 8 warps took 128 registers a thread, leaving 2 programs
+# (16 warps) an SM; 2048-element tiles take 31-80 (Triton 3.8), 3 or more programs.
 GPU_TILE = 2048
 # Rows each program of the row kernel loops over: enough programs to fill an H200 once (512 for a
 # 16k-row chunk), while its row of the table (zeroed, added to, summed: ~16 bytes a column) stays
@@ -349,12 +349,12 @@ def _distance(distance: str, alpha: float, beta: float) -> _Distance:
 
 def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int], *,
             tile: Optional[int] = None, rows_per_program: int = ROWS_PER_PROGRAM) -> _Tiling:
-    """GPU: ``tile``-element tiles (default GPU_TILE; a whole row when C <= 4096). Interpreter (CPU
-    tensors) and meta, unless ``tile`` is given: large tiles, since the interpreter's cost grows with
-    the number of tiles it steps through. The planner, on meta, thus sees a smaller table than a
-    GPU's (at most ~4 MiB smaller). Every program takes about ``rows_per_program`` rows, in blocks
-    of block_m. ``tile`` and ``rows_per_program`` are overridden by benchmarks/tune_rows.py only."""
-    on_gpu = device.type == "cuda"
+    """GPU and meta (which stands for the GPU the planner plans for): ``tile``-element tiles
+    (default GPU_TILE; a whole row when C <= 4096). Interpreter (CPU tensors), unless ``tile`` is
+    given: large tiles, since the interpreter's cost grows with the number of tiles it steps
+    through. Every program takes about ``rows_per_program`` rows, in blocks of block_m. ``tile`` and
+    ``rows_per_program`` are overridden by benchmarks/tune_rows.py only."""
+    on_gpu = device.type in ("cuda", "meta")
     if block_c is None:
         block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
     for name, value in (("block_c", block_c), ("tile", tile)):
@@ -362,7 +362,7 @@ def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optiona
             raise ValueError(f"{name} must be a positive power of two, got {value}")
     if rows_per_program < 1:
         raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
-    if on_gpu or tile is not None:  # 8 fp32 values of P and of T per thread: no spills, ~half occupancy on sm_90
+    if on_gpu or tile is not None:  # 8 fp32 values of P and of T a thread (GPU_TILE)
         block_m = max(1, (tile or GPU_TILE) // block_c)
         num_warps = max(4, min(16, block_m * block_c // 256))
     else:
@@ -437,9 +437,21 @@ def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance,
     return sums[c].clone(), dh, dw, (sums[:c] if need_db else None)
 
 
+def _row_constexprs(dist: _Distance, tiling: _Tiling, n_cols: int, *, row_scale, den, loss_rows, fold, write_grad,
+                    col_sums) -> dict:
+    """The row kernel's compile-time arguments for one launch (``num_warps`` included): what makes
+    it a distinct compiled variant. tests/kernels/gpu_compile.py compiles exactly these."""
+    return dict(HAS_COS=dist.has_cos, ELEM=dist.elem, HAS_ROW_SCALE=row_scale is not None, HAS_DEN=den is not None,
+                FOLD_NORM=fold and write_grad, WRITE_GRAD=write_grad, ROW_LOSSES=loss_rows is not None,
+                COL_SUMS=col_sums, ONE_TILE=tiling.block_c >= n_cols, BLOCK_M=tiling.block_m,
+                BLOCK_C=tiling.block_c, num_warps=tiling.num_warps)
+
+
 def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling: _Tiling, *, norm, fold,
                  write_grad, col_sums):
     n_rows, n_cols = p.shape
+    constexprs = _row_constexprs(dist, tiling, n_cols, row_scale=row_scale, den=den, loss_rows=loss_rows, fold=fold,
+                                 write_grad=write_grad, col_sums=col_sums)
     if n_rows == 0 or p.device.type == "meta":  # meta: the planner measures allocations only
         return
     dummy = p  # never read: pointer arguments that a constexpr flag switches off
@@ -449,11 +461,7 @@ def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling
         dummy if loss_rows is None else loss_rows, dummy if table is None else table,
         n_rows, n_cols, p.stride(0), t.stride(0), 0 if table is None else table.stride(0),
         dist.w_cos, dist.w_elem, dist.beta, 1.0 / dist.beta if dist.beta > 0 else 0.0, 1.0 / n_cols, COS_EPS,
-        float(norm),
-        HAS_COS=dist.has_cos, ELEM=dist.elem, HAS_ROW_SCALE=row_scale is not None, HAS_DEN=den is not None,
-        FOLD_NORM=fold, WRITE_GRAD=write_grad, ROW_LOSSES=loss_rows is not None, COL_SUMS=col_sums,
-        ONE_TILE=tiling.block_c >= n_cols, BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c,
-        num_warps=tiling.num_warps,
+        float(norm), **constexprs,
     )
 
 

@@ -2,11 +2,12 @@
 and its bundled ptxas turn each into a cubin for the given architectures, with the block sizes
 and warps that ``lowres_kd.kernels.linear_distill`` picks on a GPU. The interpreter that runs the
 kernels in the CPU tests never compiles them; this catches what only compiling finds, and
-``--resources`` reports each cubin's registers and spills (cuobjdump, also bundled).
+``--resources`` reports each cubin's registers and spills (cuobjdump and ptxas -v, also bundled).
 
     python tests/kernels/gpu_compile.py --arch 89 90 --resources   # TRITON_INTERPRET must be unset
 """
 import argparse
+import contextlib
 import itertools
 import os
 import re
@@ -27,28 +28,63 @@ from lowres_kd.kernels import linear_distill as ld  # noqa: E402
 
 WIDTHS = (768, 1280, 5000)  # teacher widths: one tile of 1024, one of 2048, several tiles of 4096
 DTYPES = ("bf16", "fp16", "fp32")
-# the row kernel's flag sets that the host code launches: mean without row weights (normaliser
-# folded), with row weights unfolded (fp16) and the bias gradient off, reduction="none" forward
-ROW_FLAGS = {
-    "mean": dict(HAS_ROW_SCALE=False, HAS_DEN=False, FOLD_NORM=True, WRITE_GRAD=True, ROW_LOSSES=False, COL_SUMS=True),
-    "weighted": dict(HAS_ROW_SCALE=True, HAS_DEN=True, FOLD_NORM=False, WRITE_GRAD=True, ROW_LOSSES=False,
-                     COL_SUMS=False),
-    "rows": dict(HAS_ROW_SCALE=True, HAS_DEN=False, FOLD_NORM=False, WRITE_GRAD=False, ROW_LOSSES=True, COL_SUMS=False),
-}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+# every way a caller can use the op: reduction x row weights x bias x gradients on/off
+CALLS = list(itertools.product(("mean", "sum", "none"), (False, True), (True, False), (True, False)))
+
+
+@contextlib.contextmanager
+def recorded_row_launches():
+    """The compile-time arguments of every row-kernel launch the op's host code makes meanwhile
+    (``_row_constexprs`` runs on meta too, where the launches themselves are skipped)."""
+    calls, original = [], ld._row_constexprs
+
+    def record(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
+        return calls[-1]
+
+    ld._row_constexprs = record
+    try:
+        yield calls
+    finally:
+        ld._row_constexprs = original
+
+
+def _run_on_meta(dtype, distance, width, reduction, weighted, bias, grad):
+    """One forward (and backward, with gradients) of the op on meta tensors: its host code only."""
+    n, k, dt = 4096, 64, TORCH_DTYPES[dtype]
+    h = torch.empty(n, k, device="meta", dtype=dt, requires_grad=grad)
+    w = torch.empty(width, k, device="meta", dtype=dt, requires_grad=grad)
+    b = torch.empty(width, device="meta", dtype=dt, requires_grad=grad) if bias else None
+    t = torch.empty(n, width, device="meta", dtype=torch.bfloat16)
+    rw = torch.empty(n, device="meta") if weighted else None
+    with torch.set_grad_enabled(grad):
+        loss = ld.fused_linear_distill_triton(h, w, b, t, rw, distance=distance, reduction=reduction)
+        if grad:
+            loss.sum().backward()
 
 
 def row_kernel_variants():
+    """Each distinct row-kernel variant the host code launches, over dtypes, distances, widths and
+    CALLS: derived by running the op, so a new flag or call path cannot be missed here."""
+    seen = set()
     ints = ("n_rows", "n_cols", "stride_p", "stride_t", "stride_part")
     floats = ("w_cos", "w_elem", "beta", "inv_beta", "inv_cols", "eps", "norm")
-    for dtype, (distance, (has_cos, elem)), width, (flag_name, flags) in itertools.product(
-            DTYPES, ld._KERNEL_DISTANCES.items(), WIDTHS, ROW_FLAGS.items()):
-        tiling = ld._tiling(16384, width, torch.device("cuda"), None)
-        types = {"P_ptr": f"*{dtype}", "T_ptr": "*bf16", "S_ptr": "*fp32", "DEN_ptr": "*fp32", "LOSS_ptr": "*fp32",
-                 "PART_ptr": "*fp32", **{k: "i32" for k in ints}, **{k: "fp32" for k in floats}}
-        constants = dict(HAS_COS=has_cos, ELEM=elem, ONE_TILE=tiling.block_c >= width, BLOCK_M=tiling.block_m,
-                         BLOCK_C=tiling.block_c, **flags)
-        yield f"rows {dtype} {distance} C={width} {flag_name}", ld._distill_rows_kernel, types, constants, tiling.num_warps
+    for dtype, distance, width, call in itertools.product(DTYPES, ld._KERNEL_DISTANCES, WIDTHS, CALLS):
+        with recorded_row_launches() as launches:
+            _run_on_meta(dtype, distance, width, *call)
+        for constexprs in launches:
+            key = (dtype, tuple(sorted(constexprs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            constants = dict(constexprs)
+            warps = constants.pop("num_warps")
+            types = {"P_ptr": f"*{dtype}", "T_ptr": "*bf16", "S_ptr": "*fp32", "DEN_ptr": "*fp32", "LOSS_ptr": "*fp32",
+                     "PART_ptr": "*fp32", **{k: "i32" for k in ints}, **{k: "fp32" for k in floats}}
+            flags = " ".join(name for name, on in constants.items() if on is True and name.isupper())
+            yield f"rows {dtype} {distance} C={width} {flags}", ld._distill_rows_kernel, types, constants, warps
 
 
 def finish_kernel_variants():
@@ -67,21 +103,37 @@ def compile_variant(fn, types, constants, arch: int, num_warps: int):
                           options={"num_warps": num_warps})
 
 
-def resources(cubin: bytes) -> dict:
-    """Registers a thread, stack and local (spill) bytes of a cubin, from the bundled cuobjdump."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _bundled(tool: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def resources(kernel) -> dict:
+    """Registers a thread, stack frame, local and spilled bytes of a compiled kernel. cuobjdump reads
+    the cubin; these kernels keep no local arrays, so a stack frame means spills, and then ptxas -v
+    (bundled too) compiles the PTX again to say how many bytes were spilled."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(kernel.asm["cubin"])
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    reg, stack, shared, local = map(int, RESOURCE.search(out).groups())
-    return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+        out = subprocess.run([_bundled("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    reg, stack, _, local = map(int, RESOURCE.search(out).groups())
+    spilled = 0
+    if stack:
+        ptx = kernel.asm["ptx"]
+        with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+            f.write(ptx)
+            f.flush()
+            arch = re.search(r"^\.target (sm_\w+)", ptx, re.M).group(1)
+            info = subprocess.run([_bundled("ptxas"), "-v", "--gpu-name", arch, f.name, "-o", os.devnull],
+                                  capture_output=True, text=True, check=True).stderr
+        spilled = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+    return {"registers": reg, "stack": stack, "local": local, "spilled": spilled}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 86 89 90")
-    ap.add_argument("--resources", action="store_true", help="print registers / stack / local bytes per variant")
+    ap.add_argument("--resources", action="store_true", help="print registers and stack / local / spilled bytes per variant")
     args = ap.parse_args(argv)
     started, count = time.perf_counter(), 0
     for arch in args.arch:
@@ -89,9 +141,9 @@ def main(argv=None) -> int:
             kernel = compile_variant(fn, types, constants, arch, warps)
             count += 1
             if args.resources:
-                r = resources(kernel.asm["cubin"])
+                r = resources(kernel)
                 print(f"sm_{arch} {name} warps={warps}: {r['registers']} registers, stack {r['stack']} B, "
-                      f"local {r['local']} B")
+                      f"local {r['local']} B, spilled {r['spilled']} B")
     print(f"compiled {count} kernel variants for sm_{', sm_'.join(map(str, args.arch))} "
           f"with triton {triton.__version__} in {time.perf_counter() - started:.0f} s")
     return 0
