@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.kernels import fused_linear_distill, triton_usable
-from lowres_kd.provenance import device_slug, environment  # noqa: E402
+from lowres_kd.provenance import environment, write_results  # noqa: E402
 from lowres_kd.losses import DISTANCES, fused_linear_distill_reference  # the one reference: no second one here
 
 GPU_SHAPES = [(n, k, c) for n, k, c in itertools.product((4096, 16384, 65536), (768, 1024), (768, 1024, 1280))]
@@ -79,10 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------ environment
 def _env(device: torch.device) -> Dict:
     return environment(device, REPO, modules=("triton",))
-
-
-def _slug(env: Dict) -> str:
-    return device_slug(env)
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -334,16 +329,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if skipped:
         print(f"--max-seconds {args.max_seconds}: skipped {len(skipped)} shapes: {skipped}")
     rat = ratios(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = _slug(env)
     result = {"meta": {**env, "note": note, "dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats,
                        "skipped_shapes": skipped, "seconds": time.perf_counter() - t0},
               "rows": rows, "ratios": rat}
-    stem = args.out / f"kernels_{slug}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    write_markdown(stem.with_suffix(".md"), env, rows, rat, note)
-    write_plot(stem.with_suffix(".png"), env, rows, rat, note)
-    print(f"wrote {stem}.json/.md/.png")
+    write_results(args.out, "kernels", env, result, lambda path: write_markdown(path, env, rows, rat, note),
+                  lambda path: write_plot(path, env, rows, rat, note))
     return result
 
 

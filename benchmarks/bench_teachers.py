@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.config import TeacherConfig  # noqa: E402
-from lowres_kd.provenance import device_slug, environment  # noqa: E402
+from lowres_kd.provenance import environment, write_results  # noqa: E402
 from lowres_kd.lowmem import enable_offload, quantize_teacher, teacher_fidelity, tensor_bytes  # noqa: E402
 from lowres_kd.teachers import TEACHERS, Features, build_teacher, ships_weights  # noqa: E402
 
@@ -85,10 +84,6 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------ environment
 def _env(device: torch.device) -> Dict:
     return environment(device, REPO, modules=("bitsandbytes", "timm"))
-
-
-def _slug(env: Dict) -> str:
-    return device_slug(env)
 
 
 # ------------------------------------------------------------------------------ memory
@@ -370,16 +365,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     rows: List[Dict] = []
     for name in args.teachers:
         rows += bench_teacher(name, args, device, env, deadline)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"teachers_{_slug(env)}"
     result = {"meta": {**env, "note": note, "img": args.img, "batch": args.batch, "warmup": args.warmup,
                        "repeats": args.repeats, "max_seconds": max_seconds, "seconds": time.perf_counter() - t0,
                        "weight_target": WEIGHT_TARGET, "cos_target": COS_TARGET},
               "rows": rows}
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    write_markdown(stem.with_suffix(".md"), env, rows, note)
-    write_plot(stem.with_suffix(".png"), env, rows, note)
-    print(f"wrote {stem}.json/.md/.png")
+    write_results(args.out, "teachers", env, result, lambda path: write_markdown(path, env, rows, note),
+                  lambda path: write_plot(path, env, rows, note))
     return result
 
 

@@ -48,7 +48,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.config import load_recipe  # noqa: E402
-from lowres_kd.provenance import device_slug, environment  # noqa: E402
+from lowres_kd.provenance import environment, write_results  # noqa: E402
 from lowres_kd.units import parse_bytes  # noqa: E402
 
 GPU_RECIPE = REPO / "recipes" / "vitb_dinov2_clip_sam_24gb.yaml"
@@ -229,11 +229,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f"{spec['name']}: " + (f"{record['images_per_s']:.2f} images/s, {record['peak_mem_gib']:.2f} GiB"
                                          if record["fits"] else f"does not fit ({record.get('error')})"), flush=True)
     add_ratios(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"train_{device_slug(env)}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "note": note, "rows": rows}, indent=1))
-    write_markdown(stem.with_suffix(".md"), env, rows, note)
-    write_plot(stem.with_suffix(".png"), env, rows, note)
+    stem = write_results(args.out, "train", env, {"env": env, "note": note, "rows": rows},
+                         lambda path: write_markdown(path, env, rows, note), lambda path: write_plot(path, env, rows, note))
     return {"env": env, "rows": rows, "files": [str(stem.with_suffix(s)) for s in (".json", ".md", ".png")]}
 
 

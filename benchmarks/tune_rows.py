@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ for path in (HERE.parent, HERE):  # the repository (lowres_kd) and bench_kernels
 from bench_kernels import DTYPES, _fmt, _time  # noqa: E402
 from lowres_kd.kernels import linear_distill as ld, triton_usable  # noqa: E402
 from lowres_kd.losses import DISTANCES  # noqa: E402
-from lowres_kd.provenance import device_slug, environment  # noqa: E402
+from lowres_kd.provenance import environment, write_results  # noqa: E402
 
 ALPHA, BETA = 0.5, 1.0  # the distance's defaults (DESIGN 2.3)
 CPU_NOTE = "CPU run (Triton interpreter): the correctness checks are real, the timings are not of a GPU"
@@ -181,15 +180,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(note)
     t0 = time.perf_counter()
     rows = [r for c in args.widths for r in sweep_width(c, args, device, dtype)]
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {"meta": {**env, "note": note, "dtype": args.dtype, "distance": args.distance, "batch_rows": args.rows,
                        "warmup": args.warmup, "repeats": args.repeats, "seconds": time.perf_counter() - t0},
               "rows": rows}
-    stem = args.out / f"rows_{device_slug(env)}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    write_markdown(stem.with_suffix(".md"), env, rows, note)
-    write_plot(stem.with_suffix(".png"), env, rows, note)
-    print(f"wrote {stem}.json/.md/.png")
+    write_results(args.out, "rows", env, result, lambda path: write_markdown(path, env, rows, note),
+                  lambda path: write_plot(path, env, rows, note))
     return result
 
 

@@ -1,9 +1,12 @@
-"""Where a measurement came from: the git revision, for benchmark rows and result files."""
+"""Where a measurement came from (the git revision, versions, device), for benchmark rows and
+result files, and the three files every benchmark writes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 
 def git_sha(repo: Path) -> str:
@@ -48,3 +51,16 @@ def device_slug(env: dict) -> str:
     if env["device"] == "cpu":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or "cuda"
+
+
+def write_results(folder: Path, name: str, env: dict, result: dict, markdown: Callable[[Path], None],
+                  plot: Callable[[Path], None]) -> Path:
+    """``<folder>/<name>_<device>.json`` holding ``result``, and the ``.md`` table and ``.png`` plot
+    that ``markdown(path)`` and ``plot(path)`` write. Returns the path without its suffix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{name}_{device_slug(env)}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    markdown(stem.with_suffix(".md"))
+    plot(stem.with_suffix(".png"))
+    print(f"wrote {stem}.json/.md/.png")
+    return stem
