@@ -20,11 +20,18 @@ rate.
 Without CUDA only the eager reference runs, on tiny shapes: those timings are of the reference
 path on CPU, memory is GPU-only (null), and no ratio is computed; the outputs say so.
 
+``--device meta`` times nothing: it counts the peak extra allocation of eager and fused at the GPU
+shapes on the meta device (``lowres_kd.planner.memtrack.LiveBytes``, what
+``torch.cuda.max_memory_allocated`` counts before the allocator rounds blocks to 512 bytes), on
+any machine. Its eager counts equal those measured on an H200 (``kernels_nvidia-h200.md``; a test
+checks all 18 shapes), so its memory ratio stands for the GPU's where no GPU was at hand.
+
 Writes to --out: kernels_<device>.json (rows with device, versions, git sha, shape, dtype,
 quantiles), kernels_<device>.md (table with the ratios) and kernels_<device>.png (ratios per shape).
 
     python benchmarks/bench_kernels.py --quick            # 3 shapes, on the GPU
     python benchmarks/bench_kernels.py --max-seconds 300  # all 18 shapes that fit in 5 minutes
+    python benchmarks/bench_kernels.py --device meta      # memory only, no GPU needed
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.kernels import fused_linear_distill, triton_usable
+from lowres_kd.planner.memtrack import LiveBytes  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
 from lowres_kd.losses import DISTANCES, fused_linear_distill_reference  # the one reference: no second one here
 
@@ -52,6 +60,9 @@ CPU_SHAPES = [(128, 48, 64), (256, 64, 96)]
 METHODS = ("eager", "mixed", "compile", "fused", "matmul")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CPU_NOTE = "CPU run: timings are of the eager reference path only (no Triton, no ratios); memory is GPU-only"
+META_NOTE = ("meta run: no timings; peak extra allocations counted on the meta device (LiveBytes), which "
+             "for eager equal those measured on an H200")
+NOTES = {"cpu": CPU_NOTE, "meta": META_NOTE, "cuda": None}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         "yardstick; writes JSON, Markdown and PNG.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output folder")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="auto: cuda when available; cpu runs tiny shapes with the reference only")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu", "meta"), default="auto",
+                   help="auto: cuda when available; cpu runs tiny shapes with the reference only; meta counts "
+                        "eager's and fused's memory at the GPU shapes, without timing")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of hidden, weight, bias, target")
     p.add_argument("--quick", action="store_true", help=f"GPU: only the shapes {QUICK_SHAPES}")
     p.add_argument("--shapes", nargs="+", metavar="NxKxC", help="explicit shapes, e.g. 4096x768x1024 (overrides --quick)")
@@ -114,10 +126,14 @@ def _time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: in
 
 
 def _peak_extra_mib(fn: Callable[[], None], device: torch.device, leaves) -> Optional[float]:
-    if device.type != "cuda":
-        return None
     for x in leaves:  # gradients of earlier runs would otherwise sit in the baseline
         x.grad = None
+    if device.type == "meta":
+        with LiveBytes() as live:
+            fn()
+        return live.peak / 2**20
+    if device.type != "cuda":
+        return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -155,6 +171,10 @@ def _methods(h, w, b, t, distance, device, use_compile) -> Dict[str, Callable[[]
         return run
 
     ms: Dict[str, Callable[[], None]] = {"eager": step(fused_linear_distill_reference)}
+    if device.type == "meta":  # the op's host code: it allocates as on a GPU, launches nothing
+        from lowres_kd.kernels.linear_distill import fused_linear_distill_triton
+
+        ms["fused"] = step(fused_linear_distill_triton)
     if device.type != "cuda":
         return ms
     ms["mixed"] = step(mixed_eager)
@@ -181,12 +201,13 @@ def bench_shape(shape, dtype, device, args, env) -> List[Dict]:
     for name, fn in _methods(h, w, b, t, args.distance, device, not args.no_compile).items():
         row = {**env, "method": name, "N": n, "K": k, "C": c, "dtype": str(dtype).replace("torch.", ""),
                "distance": args.distance, "flops": flops, "error": None}
-        if device.type == "cpu":
-            row["note"] = CPU_NOTE
+        if NOTES[device.type]:
+            row["note"] = NOTES[device.type]
         try:
-            row.update(_quantiles(*_time(fn, device, args.warmup, args.repeats)))
+            if device.type != "meta":
+                row.update(_quantiles(*_time(fn, device, args.warmup, args.repeats)))
+                row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
             row["peak_extra_mib"] = _peak_extra_mib(fn, device, (h, w, b))
-            row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
         except Exception as exc:  # e.g. torch.compile failing: record it, keep the other methods
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             if device.type == "cuda":
@@ -260,7 +281,7 @@ def write_plot(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], note: O
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rat) + 2), 4))
     labels = [f"{r['N']}x{r['K']}x{r['C']}" for r in rat]
-    if note:  # CPU: the reference's time only
+    if env["device"] == "cpu":  # the reference's time only
         eager = {(r["N"], r["K"], r["C"]): r.get("median_ms") for r in rows if r["method"] == "eager"}
         ax.bar(labels, [eager.get((r["N"], r["K"], r["C"])) or 0.0 for r in rat])
         ax.set_ylabel("eager reference, median ms")
@@ -269,6 +290,7 @@ def write_plot(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], note: O
         keys = [("fused_vs_eager_speedup", "speed-up vs eager"), ("fused_vs_mixed_speedup", "speed-up vs mixed eager"),
                 ("fused_vs_compile_speedup", "speed-up vs compile"),
                 ("fused_over_eager_memory", "memory / eager"), ("fused_fraction_of_matmul_rate", "fraction of matmul rate")]
+        keys = [(key, label) for key, label in keys if any(r.get(key) is not None for r in rat)]  # meta: memory only
         width = 0.8 / len(keys)
         for i, (key, label) in enumerate(keys):
             ax.bar([x + (i - (len(keys) - 1) / 2) * width for x in range(len(rat))], [r.get(key) or 0.0 for r in rat],
@@ -277,7 +299,7 @@ def write_plot(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], note: O
         ax.set_xticks(range(len(rat)), labels)
         ax.set_ylabel("ratio")
         ax.legend(fontsize=8)
-        ax.set_title(f"fused linear + distill, fwd+bwd, {env['device_name']}", fontsize=9)
+        ax.set_title(f"fused linear + distill, fwd+bwd, {env['device_name']}" + (f"\n{note}" if note else ""), fontsize=8)
     ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -298,14 +320,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = _parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         ok, why = triton_usable()
         if not ok:
             raise SystemExit(f"the fused op needs Triton: {why}")
     dtype = DTYPES[args.dtype]
     env = _env(device)
-    note = CPU_NOTE if device.type == "cpu" else None
+    note = NOTES[device.type]
     if args.shapes:
         shapes = _parse_shapes(args.shapes)
     elif device.type == "cpu":

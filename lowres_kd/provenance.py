@@ -45,11 +45,11 @@ def environment(device, repo: Path, modules=("triton", "bitsandbytes", "timm", "
 
 
 def device_slug(env: dict) -> str:
-    """``cpu`` or the GPU's name as a file-name part (``nvidia-h200``)."""
+    """The GPU's name as a file-name part (``nvidia-h200``); ``cpu`` or ``meta`` for those devices."""
     import re
 
-    if env["device"] == "cpu":
-        return "cpu"
+    if env["device"] != "cuda":
+        return env["device"]
     return re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or "cuda"
 
 

@@ -70,7 +70,6 @@ this op's allocations by running it (``lowres_kd.planner.profile``).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -80,7 +79,7 @@ import triton
 import triton.language as tl
 
 from ..losses.distance import COS_EPS, DISTANCES
-from ..losses.fused_linear_distill import check_inputs
+from ..losses.fused_linear_distill import check_inputs, no_autocast
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMS = 1 << 25  # bound on rows_per_chunk * C: chunks big enough to keep cuBLAS busy
@@ -465,14 +464,6 @@ def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling
     )
 
 
-def _no_autocast(device: torch.device):
-    """The op computes in the dtypes it is given. Autocast would recast ``F.linear`` and ``mm``
-    (not their ``out=`` forms), so it is switched off inside, when it is on."""
-    if device.type != "meta" and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _out_in(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Where the final fp32 gradient x goes: x itself for an fp32 parameter, else a new tensor."""
     return x if x is None or dtype == torch.float32 else torch.empty_like(x, dtype=dtype)
@@ -548,7 +539,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             hidden, w_c, b_c, target, scale = ctx.saved_tensors
             g = grad_out.to(torch.float32)
             row_scale = (g if scale is None else scale * g).contiguous()
-            with _no_autocast(hidden.device):
+            with no_autocast(hidden.device):
                 _, dh, dw, db = _chunked_pass(hidden, w_c, b_c, target, row_scale, None, ctx.dist, norm=1.0,
                                               fold=False, write_grad=True, need=ctx.need, row_losses=False, **ctx.tiles)
             dh, dw, db = _finish_grads(dh, dw, db, grad_out=None, den=None, factor=1.0, **ctx.dtypes)
@@ -605,7 +596,7 @@ def fused_linear_distill_triton(
     for name, t in (("target", target), ("row_weight", row_weight)):
         if grad_on and t is not None and t.requires_grad:
             raise ValueError(f"the fused op gives no gradient to {name}; pass {name}.detach()")
-    with _no_autocast(hidden.device):
+    with no_autocast(hidden.device):
         return FusedLinearDistillFunction.apply(
             hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             target.contiguous(), row_weight, _distance(distance, alpha, beta), reduction, grad_on, chunk_rows, block_c)

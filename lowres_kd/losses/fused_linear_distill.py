@@ -7,6 +7,7 @@ This plain PyTorch function is the CPU path, the test oracle of the Triton kerne
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -30,6 +31,15 @@ def check_inputs(hidden, weight, bias, target, row_weight, reduction: str) -> No
         raise ValueError(f"row_weight must be (N,) = ({hidden.shape[0]},), got {tuple(row_weight.shape)}")
 
 
+def no_autocast(device: torch.device):
+    """Autocast switched off, when it is on: the op and its reference compute in the dtypes they
+    are given (autocast would recast their matmuls). A no-op on meta, which has no autocast (the
+    planner runs both there)."""
+    if device.type != "meta" and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def fused_linear_distill_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -49,22 +59,18 @@ def fused_linear_distill_reference(
     batch gives 0. ``none`` returns the weighted per-row distances (N,).
     """
     check_inputs(hidden, weight, bias, target, row_weight, reduction)
-    compute = torch.promote_types(hidden.dtype, torch.float32)
-    with torch.autocast(hidden.device.type, enabled=False):  # "float32 at least", also under autocast
-        return _reduce(hidden, weight, bias, target, row_weight, alpha, beta, distance, reduction, compute)
-
-
-def _reduce(hidden, weight, bias, target, row_weight, alpha, beta, distance, reduction, compute):
-    """The reference itself, in dtype ``compute``, autocast off."""
-    pred = hidden.to(compute) @ weight.to(compute).T
-    if bias is not None:
-        pred = pred + bias.to(compute)
-    rows = DISTANCES.get(distance)(pred, target.to(compute), alpha=alpha, beta=beta)
-    if row_weight is not None:
-        rows = rows * row_weight.to(compute)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    denom = row_weight.to(compute).sum() if row_weight is not None else torch.tensor(float(rows.numel()), dtype=compute, device=rows.device)
-    return rows.sum() / denom.clamp_min(torch.finfo(compute).tiny)
+    compute = torch.promote_types(hidden.dtype, torch.float32)  # "float32 at least", also under autocast
+    with no_autocast(hidden.device):
+        pred = hidden.to(compute) @ weight.to(compute).T
+        if bias is not None:
+            pred = pred + bias.to(compute)
+        rows = DISTANCES.get(distance)(pred, target.to(compute), alpha=alpha, beta=beta)
+        if row_weight is not None:
+            rows = rows * row_weight.to(compute)
+        if reduction == "none":
+            return rows
+        if reduction == "sum":
+            return rows.sum()
+        denom = (row_weight.to(compute).sum() if row_weight is not None
+                 else torch.tensor(float(rows.numel()), dtype=compute, device=rows.device))
+        return rows.sum() / denom.clamp_min(torch.finfo(compute).tiny)

@@ -188,28 +188,18 @@ def build_meta_models(recipe: Recipe, notes: List[str]):
 # ----------------------------------------------------------------------------- measuring
 def make_loss_fn(recipe: Recipe, backend: str):
     """``loss_fn(hidden, linear, target)`` as the trainer's ``FusedLinearDistill`` computes it,
-    runnable on meta: the eager reference's body, or the fused kernel's host code (on meta it
-    allocates as on a GPU and skips the Triton launches)."""
-    from ..losses import fused_linear_distill as reference
-
+    runnable on meta: the eager reference, or the fused kernel's host code (on meta it allocates
+    as on a GPU and skips the Triton launches)."""
     lo = recipe.loss
     if backend == "triton":
-        from ..kernels.linear_distill import fused_linear_distill_triton
+        from ..kernels.linear_distill import fused_linear_distill_triton as loss
+    else:
+        from ..losses import fused_linear_distill_reference as loss
 
-        def fused(hidden, linear, target):
-            return fused_linear_distill_triton(hidden, linear.weight, linear.bias, target, alpha=lo.alpha,
-                                               beta=lo.beta, distance=lo.distance)
+    def loss_fn(hidden, linear, target):
+        return loss(hidden, linear.weight, linear.bias, target, alpha=lo.alpha, beta=lo.beta, distance=lo.distance)
 
-        return fused
-
-    def eager(hidden, linear, target):
-        # the reference's own body: its autocast(enabled=False) guard refuses the meta device, and
-        # on meta there is no autocast to turn off
-        compute = torch.promote_types(hidden.dtype, torch.float32)
-        return reference._reduce(hidden, linear.weight, linear.bias, target, None, lo.alpha, lo.beta, lo.distance,
-                                 "mean", compute)
-
-    return eager
+    return loss_fn
 
 
 def _measure_step(model, recipe: Recipe, specs, batch: int, autocast, loss_fn) -> Tuple[Dict[str, int], float]:

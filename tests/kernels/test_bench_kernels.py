@@ -54,3 +54,24 @@ def test_mixed_eager_baseline_is_the_same_loss():
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, bench.fused_linear_distill_reference(h, w, b, t, None, distance=distance),
                                        rtol=tol, atol=tol)
+
+
+def test_bench_kernels_meta_counts_memory_as_the_h200_measured_it(tmp_path):
+    """--device meta counts allocation peaks without a GPU: its eager counts equal the peaks the
+    H200 run measured at all 18 shapes (to the 512-byte rounding, and 1 MiB at one shape), and the
+    fused op stays within the issue's memory target (<= 0.3x eager) at every shape."""
+    bench = load_benchmark("bench_kernels")
+    result = bench.main(["--device", "meta", "--out", str(tmp_path)])
+    assert (tmp_path / "kernels_meta.md").is_file() and (tmp_path / "kernels_meta.png").is_file()
+    rows = result["rows"]
+    assert {r["method"] for r in rows} == {"eager", "fused"} and len(rows) == 2 * len(bench.GPU_SHAPES)
+    assert all(r["error"] is None and "median_ms" not in r and "meta run" in r["note"] for r in rows)
+    h200 = json.loads((bench.REPO / "benchmarks" / "results" / "kernels_nvidia-h200.json").read_text())
+    measured = {(r["N"], r["K"], r["C"]): r["peak_extra_mib"] for r in h200["rows"] if r["method"] == "eager"}
+    counted = {(r["N"], r["K"], r["C"]): r["peak_extra_mib"] for r in rows if r["method"] == "eager"}
+    assert counted.keys() == measured.keys()
+    for shape, mib in measured.items():
+        assert abs(counted[shape] - mib) <= 1.01, (shape, counted[shape], mib)
+    for r in result["ratios"]:
+        assert 0.02 < r["fused_over_eager_memory"] <= 0.3, r
+        assert r["fused_vs_eager_speedup"] is None
