@@ -23,7 +23,7 @@ path on CPU, memory is GPU-only (null), and no ratio is computed; the outputs sa
 ``--device meta`` times nothing: it counts the peak extra allocation of eager and fused at the GPU
 shapes on the meta device (``lowres_kd.planner.memtrack.LiveBytes``, what
 ``torch.cuda.max_memory_allocated`` counts before the allocator rounds blocks to 512 bytes), on
-any machine. Its eager counts equal those measured on an H200 (``kernels_nvidia-h200.md``; a test
+any machine with Triton installed. Its eager counts equal those measured on an H200 (``kernels_nvidia-h200.md``; a test
 checks all 18 shapes), so its memory ratio stands for the GPU's where no GPU was at hand.
 
 Writes to --out: kernels_<device>.json (rows with device, versions, git sha, shape, dtype,
@@ -36,6 +36,7 @@ quantiles), kernels_<device>.md (table with the ratios) and kernels_<device>.png
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import statistics
 import sys
@@ -325,6 +326,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         ok, why = triton_usable()
         if not ok:
             raise SystemExit(f"the fused op needs Triton: {why}")
+    if device.type == "meta" and importlib.util.find_spec("triton") is None:
+        raise SystemExit("--device meta runs the fused op's host code, which needs Triton (the 'gpu' extra)")
     dtype = DTYPES[args.dtype]
     env = _env(device)
     note = NOTES[device.type]

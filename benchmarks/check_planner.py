@@ -273,7 +273,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.2f}"
 
 
-def write_results(results: List[dict], env: dict, out: Path, skipped: List[str]) -> Path:
+def write_planner_report(results: List[dict], env: dict, out: Path, skipped: List[str]) -> Path:
     from lowres_kd.provenance import device_slug
 
     out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
         results.append(result)
         worst = max((abs(r["error"]) for r in result["rows"] if r["error"] is not None), default=0)
         print(f"{name}: {time.perf_counter() - started:.0f} s, worst component error {worst:.1%}", flush=True)
-    path = write_results(results, env, args.out, skipped)
+    path = write_planner_report(results, env, args.out, skipped)
     print(path.read_text())
     return 0
 

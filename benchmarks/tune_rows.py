@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,6 +41,7 @@ from lowres_kd.losses import DISTANCES  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
 
 ALPHA, BETA = 0.5, 1.0  # the distance's defaults (DESIGN 2.3)
+GRAPHED = 10  # launches per CUDA graph replay
 CPU_NOTE = "CPU run (Triton interpreter): the correctness checks are real, the timings are not of a GPU"
 # (rows, widths, tiles, rows per program) when the command line does not say
 DEFAULTS = {"cuda": (65536, (768, 1024, 1280), (1024, 2048, 4096, 8192), (8, 32, 128)),
@@ -62,21 +65,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(tiling, p_ref, t, dist, distance) -> float:
-    """Largest error of one launch's loss and dP against fp32 autograd of the distance's mean,
-    relative to the largest reference value (0 when they agree exactly)."""
-    p = p_ref.clone()
+def _launcher(p, t, dist, tiling, fold: bool):
+    """(launch, table): the row kernel over all rows of P as a mean's forward runs it (dP written
+    in place, bias column sums and the loss added to the table)."""
     table = torch.zeros(tiling.programs, p.shape[1] + 1, dtype=torch.float32, device=p.device)
-    ld._launch_rows(p, t, None, None, None, table, dist, tiling, norm=1.0 / p.shape[0], fold=True,
-                    write_grad=True, col_sums=True)
-    pred = p_ref.float().requires_grad_()
+
+    def launch():
+        ld._launch_rows(p, t, None, None, None, table, dist, tiling, norm=1.0 / p.shape[0], fold=fold,
+                        write_grad=True, col_sums=True)
+
+    return launch, table
+
+
+def _check(tiling, p_ref, t, dist, distance, fold: bool) -> float:
+    """Largest error of one launch's loss, dP and bias column sums against fp32 autograd of the
+    distance's mean, relative to the largest reference value (inf if anything is NaN). Without
+    ``fold`` (fp16, as the op does it) dP is the gradient of the sum, not of the mean."""
+    p = p_ref.clone()
+    launch, table = _launcher(p, t, dist, tiling, fold)
+    launch()
+    pred = p_ref.to(torch.float32, copy=True).requires_grad_()  # a copy: fp32 p_ref must stay a plain leaf
     loss = DISTANCES.get(distance)(pred, t.float(), alpha=ALPHA, beta=BETA).mean()
     loss.backward()
+    grad = pred.grad if fold else pred.grad * p.shape[0]
     sums, ref_loss = table.sum(0), loss.item()
-    err_p = (p.float() - pred.grad).abs().max() / pred.grad.abs().max().clamp_min(1e-30)
-    err_b = (sums[:-1] - pred.grad.sum(0)).abs().max() / pred.grad.sum(0).abs().max().clamp_min(1e-30)
-    err_l = abs(sums[-1].item() - ref_loss) / max(abs(ref_loss), 1e-30)
-    return max(err_p.item(), err_b.item(), err_l)
+    errors = [((p.float() - grad).abs().max() / grad.abs().max().clamp_min(1e-30)).item(),
+              ((sums[:-1] - grad.sum(0)).abs().max() / grad.sum(0).abs().max().clamp_min(1e-30)).item(),
+              abs(sums[-1].item() - ref_loss) / max(abs(ref_loss), 1e-30)]
+    return math.inf if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def _device_ms(fn, device, args) -> Tuple[float, str]:
+    """Median device ms of one ``fn()``. On CUDA, GRAPHED calls are captured in a CUDA graph and
+    replayed, so that issuing the launches (Triton's host code, tens of microseconds) cannot hide
+    a kernel of similar length; where capture fails, plain launches are timed and the row says so."""
+    if device.type == "cuda":
+        try:
+            for _ in range(args.warmup):  # compiles before the capture
+                fn()
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(GRAPHED):
+                    fn()
+            ms, _ = _time(graph.replay, device, 1, args.repeats)
+            return statistics.median(ms) / GRAPHED, "graph"
+        except Exception as exc:  # noqa: BLE001 - fall back to plain launches, recorded in the row
+            print(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); timing plain launches")
+    ms, _ = _time(fn, device, args.warmup, args.repeats)
+    return statistics.median(ms), "launches"
 
 
 def sweep_width(n_cols, args, device, dtype) -> List[Dict]:
@@ -85,34 +122,31 @@ def sweep_width(n_cols, args, device, dtype) -> List[Dict]:
     p_ref = torch.randn(rows, n_cols, generator=g).to(device, dtype)
     t = torch.randn(rows, n_cols, generator=g).to(device, dtype)
     dist = ld._distance(args.distance, ALPHA, BETA)
+    fold = dtype != torch.float16  # as the op: fp16 keeps dP unnormalised
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # dP is stored in the input dtype
     default = ld._tiling(rows, n_cols, device, None)
     bytes_moved = 3 * p_ref.numel() * p_ref.element_size()
 
     p_add = p_ref.clone()
-    add_ms, _ = _time(lambda: torch.add(p_add, t, out=p_add), device, args.warmup, args.repeats)
-    add_med = sorted(add_ms)[len(add_ms) // 2]
+    add_ms, add_how = _device_ms(lambda: torch.add(p_add, t, out=p_add), device, args)
     results, seen = [], set()
     for tile, rpp in itertools.product(args.tiles, args.rows_per_program):
         tiling = ld._tiling(rows, n_cols, device, None, tile=tile, rows_per_program=rpp)
         if tiling in seen:
             continue
         seen.add(tiling)
-        row = {"C": n_cols, "rows": rows, "tile": tile, "rows_per_program": rpp, **tiling._asdict(),
-               "default": tiling == default, "yardstick_ms": add_med, "error": None}
-        row["max_rel_err"] = err = _check(tiling, p_ref, t, dist, args.distance)
+        row = {"C": n_cols, "rows": rows, "tile": tiling.block_m * tiling.block_c, "rows_per_program": rpp,
+               **tiling._asdict(), "default": tiling == default, "yardstick_ms": add_ms, "error": None}
+        row["max_rel_err"] = err = _check(tiling, p_ref, t, dist, args.distance, fold)
         if not err <= tol:
             row["error"] = f"disagrees with the fp32 reference: relative error {err:.3g} > {tol}"
         else:
-            p = p_ref.clone()
-            table = torch.zeros(tiling.programs, n_cols + 1, dtype=torch.float32, device=device)
-            ms, _ = _time(lambda: ld._launch_rows(p, t, None, None, None, table, dist, tiling, norm=1.0 / rows,
-                                                  fold=True, write_grad=True, col_sums=True),
-                          device, args.warmup, args.repeats)
-            med = sorted(ms)[len(ms) // 2]
-            row.update(median_ms=med, gb_per_s=bytes_moved / (med * 1e-3) / 1e9, fraction_of_yardstick=add_med / med)
+            launch, _ = _launcher(p_ref.clone(), t, dist, tiling, fold)
+            ms, how = _device_ms(launch, device, args)
+            row.update(median_ms=ms, timed_as=how if how == add_how else f"{how} (yardstick: {add_how})",
+                       gb_per_s=bytes_moved / (ms * 1e-3) / 1e9, fraction_of_yardstick=add_ms / ms)
         results.append(row)
-        print(f"C={n_cols} tile {tile:>5} rows/program {rpp:>4} -> block {tiling.block_m}x{tiling.block_c}, "
+        print(f"C={n_cols} tile {row['tile']:>5} rows/program {rpp:>4} -> block {tiling.block_m}x{tiling.block_c}, "
               f"{tiling.num_warps} warps, {tiling.programs} programs: "
               + (row["error"] or f"{row['median_ms'] * 1e3:.1f} us, {row['fraction_of_yardstick']:.2f} of add")
               + (" (default)" if row["default"] else ""))

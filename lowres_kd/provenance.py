@@ -37,7 +37,8 @@ def environment(device, repo: Path, modules=("triton", "bitsandbytes", "timm", "
 
     import torch
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine() or "cpu")
+    names = {"cuda": lambda: torch.cuda.get_device_name(device), "meta": lambda: "meta device (allocations counted)"}
+    name = names.get(device.type, lambda: platform.processor() or platform.machine() or "cpu")()
     env = {"device": device.type, "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "threads": torch.get_num_threads(), "git_sha": git_sha(repo)}
     env.update({m: _version(m) for m in modules})
@@ -55,8 +56,9 @@ def device_slug(env: dict) -> str:
 
 def write_results(folder: Path, name: str, env: dict, result: dict, markdown: Callable[[Path], None],
                   plot: Callable[[Path], None]) -> Path:
-    """``<folder>/<name>_<device>.json`` holding ``result``, and the ``.md`` table and ``.png`` plot
-    that ``markdown(path)`` and ``plot(path)`` write. Returns the path without its suffix."""
+    """``<folder>/<name>_<device>.json`` holding ``result`` (values JSON has no type for, such as
+    paths, written as strings), and the ``.md`` table and ``.png`` plot that ``markdown(path)`` and
+    ``plot(path)`` write. Returns the path without its suffix."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{name}_{device_slug(env)}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))

@@ -348,15 +348,18 @@ def _distance(distance: str, alpha: float, beta: float) -> _Distance:
 
 def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int], *,
             tile: Optional[int] = None, rows_per_program: int = ROWS_PER_PROGRAM) -> _Tiling:
-    """GPU and meta (which stands for the GPU the planner plans for): ``tile``-element tiles
-    (default GPU_TILE; a whole row when C <= 4096). Interpreter (CPU tensors), unless ``tile`` is
-    given: large tiles, since the interpreter's cost grows with the number of tiles it steps
-    through. Every program takes about ``rows_per_program`` rows, in blocks of block_m. ``tile`` and
-    ``rows_per_program`` are overridden by benchmarks/tune_rows.py only."""
+    """GPU and meta (which stands for the GPU the planner plans for): a tile is a whole row, up to
+    4096 columns (block_c, the next power of two), times block_m = GPU_TILE // block_c rows when
+    that is more than one. Interpreter (CPU tensors): 16 rows of up to 1024 columns, since its cost
+    grows with the number of tiles it steps through. Every program takes about ``rows_per_program``
+    rows, in blocks of block_m. benchmarks/tune_rows.py alone overrides ``tile`` (elements, on any
+    device; a tile narrower than the row splits it) and ``rows_per_program``."""
     on_gpu = device.type in ("cuda", "meta")
     if block_c is None:
         block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
-    for name, value in (("block_c", block_c), ("tile", tile)):
+        if tile is not None:
+            block_c = min(block_c, tile)
+    for name, value in (("tile", tile), ("block_c", block_c)):
         if value is not None and (value <= 0 or value & (value - 1)):
             raise ValueError(f"{name} must be a positive power of two, got {value}")
     if rows_per_program < 1:
@@ -439,7 +442,8 @@ def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance,
 def _row_constexprs(dist: _Distance, tiling: _Tiling, n_cols: int, *, row_scale, den, loss_rows, fold, write_grad,
                     col_sums) -> dict:
     """The row kernel's compile-time arguments for one launch (``num_warps`` included): what makes
-    it a distinct compiled variant. tests/kernels/gpu_compile.py compiles exactly these."""
+    it a distinct compiled variant. tests/kernels/gpu_compile.py compiles exactly these. The
+    normaliser's folding only matters where the gradient is written: one variant, not two, else."""
     return dict(HAS_COS=dist.has_cos, ELEM=dist.elem, HAS_ROW_SCALE=row_scale is not None, HAS_DEN=den is not None,
                 FOLD_NORM=fold and write_grad, WRITE_GRAD=write_grad, ROW_LOSSES=loss_rows is not None,
                 COL_SUMS=col_sums, ONE_TILE=tiling.block_c >= n_cols, BLOCK_M=tiling.block_m,
@@ -449,6 +453,7 @@ def _row_constexprs(dist: _Distance, tiling: _Tiling, n_cols: int, *, row_scale,
 def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling: _Tiling, *, norm, fold,
                  write_grad, col_sums):
     n_rows, n_cols = p.shape
+    # before the meta return: tests/kernels/gpu_compile.py records these from runs on meta
     constexprs = _row_constexprs(dist, tiling, n_cols, row_scale=row_scale, den=den, loss_rows=loss_rows, fold=fold,
                                  write_grad=write_grad, col_sums=col_sums)
     if n_rows == 0 or p.device.type == "meta":  # meta: the planner measures allocations only

@@ -9,12 +9,14 @@ kernels in the CPU tests never compiles them; this catches what only compiling f
 import argparse
 import contextlib
 import itertools
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels that this compiles")
@@ -27,11 +29,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from lowres_kd.kernels import linear_distill as ld  # noqa: E402
 
 WIDTHS = (768, 1280, 5000)  # teacher widths: one tile of 1024, one of 2048, several tiles of 4096
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("bf16", "fp16", "fp32")  # Triton names of the op's dtypes
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 # every way a caller can use the op: reduction x row weights x bias x gradients on/off
 CALLS = list(itertools.product(("mean", "sum", "none"), (False, True), (True, False), (True, False)))
+# (hidden, target) dtypes: the target as the hidden states, or fp32 (the trainer's bf16 heads get
+# fp32 normalised targets)
+DTYPE_PAIRS = [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32")]
 
 
 @contextlib.contextmanager
@@ -51,13 +56,13 @@ def recorded_row_launches():
         ld._row_constexprs = original
 
 
-def _run_on_meta(dtype, distance, width, reduction, weighted, bias, grad):
+def _run_on_meta(dtype, target_dtype, distance, width, reduction, weighted, bias, grad):
     """One forward (and backward, with gradients) of the op on meta tensors: its host code only."""
     n, k, dt = 4096, 64, TORCH_DTYPES[dtype]
     h = torch.empty(n, k, device="meta", dtype=dt, requires_grad=grad)
     w = torch.empty(width, k, device="meta", dtype=dt, requires_grad=grad)
     b = torch.empty(width, device="meta", dtype=dt, requires_grad=grad) if bias else None
-    t = torch.empty(n, width, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(n, width, device="meta", dtype=TORCH_DTYPES[target_dtype])
     rw = torch.empty(n, device="meta") if weighted else None
     with torch.set_grad_enabled(grad):
         loss = ld.fused_linear_distill_triton(h, w, b, t, rw, distance=distance, reduction=reduction)
@@ -66,25 +71,27 @@ def _run_on_meta(dtype, distance, width, reduction, weighted, bias, grad):
 
 
 def row_kernel_variants():
-    """Each distinct row-kernel variant the host code launches, over dtypes, distances, widths and
-    CALLS: derived by running the op, so a new flag or call path cannot be missed here."""
+    """Each distinct row-kernel variant the host code launches, over DTYPE_PAIRS, distances, widths
+    and CALLS: the compile-time arguments come from running the op, so a new flag or call path
+    cannot be missed here (the pointer dtypes are those of the tensors passed)."""
     seen = set()
     ints = ("n_rows", "n_cols", "stride_p", "stride_t", "stride_part")
     floats = ("w_cos", "w_elem", "beta", "inv_beta", "inv_cols", "eps", "norm")
-    for dtype, distance, width, call in itertools.product(DTYPES, ld._KERNEL_DISTANCES, WIDTHS, CALLS):
+    for (dtype, t_dtype), distance, width, call in itertools.product(DTYPE_PAIRS, ld._KERNEL_DISTANCES, WIDTHS, CALLS):
         with recorded_row_launches() as launches:
-            _run_on_meta(dtype, distance, width, *call)
+            _run_on_meta(dtype, t_dtype, distance, width, *call)
         for constexprs in launches:
-            key = (dtype, tuple(sorted(constexprs.items())))
+            key = (dtype, t_dtype, tuple(sorted(constexprs.items())))
             if key in seen:
                 continue
             seen.add(key)
             constants = dict(constexprs)
             warps = constants.pop("num_warps")
-            types = {"P_ptr": f"*{dtype}", "T_ptr": "*bf16", "S_ptr": "*fp32", "DEN_ptr": "*fp32", "LOSS_ptr": "*fp32",
+            types = {"P_ptr": f"*{dtype}", "T_ptr": f"*{t_dtype}", "S_ptr": "*fp32", "DEN_ptr": "*fp32", "LOSS_ptr": "*fp32",
                      "PART_ptr": "*fp32", **{k: "i32" for k in ints}, **{k: "fp32" for k in floats}}
-            flags = " ".join(name for name, on in constants.items() if on is True and name.isupper())
-            yield f"rows {dtype} {distance} C={width} {flags}", ld._distill_rows_kernel, types, constants, warps
+            flags = " ".join(name for name, on in constants.items() if on is True)
+            target = "" if t_dtype == dtype else f" T {t_dtype}"
+            yield f"rows {dtype}{target} {distance} C={width} {flags}", ld._distill_rows_kernel, types, constants, warps
 
 
 def finish_kernel_variants():
@@ -130,22 +137,35 @@ def resources(kernel) -> dict:
     return {"registers": reg, "stack": stack, "local": local, "spilled": spilled}
 
 
+_VARIANTS = []  # filled by main before the worker processes fork: they take jobs by index
+
+
+def _compile_job(job) -> str:
+    index, arch, want_resources = job
+    name, fn, types, constants, warps = _VARIANTS[index]
+    kernel = compile_variant(fn, types, constants, arch, warps)
+    if not want_resources:
+        return ""
+    r = resources(kernel)
+    return (f"sm_{arch} {name} warps={warps}: {r['registers']} registers, stack {r['stack']} B, "
+            f"local {r['local']} B, spilled {r['spilled']} B")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 86 89 90")
     ap.add_argument("--resources", action="store_true", help="print registers and stack / local / spilled bytes per variant")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     args = ap.parse_args(argv)
-    started, count = time.perf_counter(), 0
-    for arch in args.arch:
-        for name, fn, types, constants, warps in itertools.chain(row_kernel_variants(), finish_kernel_variants()):
-            kernel = compile_variant(fn, types, constants, arch, warps)
-            count += 1
-            if args.resources:
-                r = resources(kernel)
-                print(f"sm_{arch} {name} warps={warps}: {r['registers']} registers, stack {r['stack']} B, "
-                      f"local {r['local']} B, spilled {r['spilled']} B")
-    print(f"compiled {count} kernel variants for sm_{', sm_'.join(map(str, args.arch))} "
-          f"with triton {triton.__version__} in {time.perf_counter() - started:.0f} s")
+    started = time.perf_counter()
+    _VARIANTS[:] = itertools.chain(row_kernel_variants(), finish_kernel_variants())
+    jobs = [(i, arch, args.resources) for arch in args.arch for i in range(len(_VARIANTS))]
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        for line in pool.map(_compile_job, jobs, chunksize=16):
+            if line:
+                print(line)
+    print(f"compiled {len(jobs)} kernel variants for sm_{', sm_'.join(map(str, args.arch))} "
+          f"with triton {triton.__version__} in {time.perf_counter() - started:.0f} s ({args.jobs} processes)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """benchmarks/bench_kernels.py runs end to end on CPU (reference path only) and writes its files."""
 import json
 
+import pytest
 import torch
 
 from conftest import load_benchmark
@@ -58,8 +59,10 @@ def test_mixed_eager_baseline_is_the_same_loss():
 
 def test_bench_kernels_meta_counts_memory_as_the_h200_measured_it(tmp_path):
     """--device meta counts allocation peaks without a GPU: its eager counts equal the peaks the
-    H200 run measured at all 18 shapes (to the 512-byte rounding, and 1 MiB at one shape), and the
-    fused op stays within the issue's memory target (<= 0.3x eager) at every shape."""
+    H200 run measured at all 18 shapes (to 2 KiB; two 4k-row shapes to 1 MiB, allocator blocks
+    the count cannot see), and the fused op stays within the issue's memory target (<= 0.3x
+    eager) at every shape."""
+    pytest.importorskip("triton")  # the fused op's host code
     bench = load_benchmark("bench_kernels")
     result = bench.main(["--device", "meta", "--out", str(tmp_path)])
     assert (tmp_path / "kernels_meta.md").is_file() and (tmp_path / "kernels_meta.png").is_file()
@@ -71,7 +74,8 @@ def test_bench_kernels_meta_counts_memory_as_the_h200_measured_it(tmp_path):
     counted = {(r["N"], r["K"], r["C"]): r["peak_extra_mib"] for r in rows if r["method"] == "eager"}
     assert counted.keys() == measured.keys()
     for shape, mib in measured.items():
-        assert abs(counted[shape] - mib) <= 1.01, (shape, counted[shape], mib)
+        tolerance = 1.01 if shape in ((4096, 768, 1024), (4096, 768, 1280)) else 2 / 1024
+        assert abs(counted[shape] - mib) <= tolerance, (shape, counted[shape], mib)
     for r in result["ratios"]:
         assert 0.02 < r["fused_over_eager_memory"] <= 0.3, r
         assert r["fused_vs_eager_speedup"] is None
