@@ -37,7 +37,7 @@ def environment(device, repo: Path, modules=("triton", "bitsandbytes", "timm", "
 
     import torch
 
-    names = {"cuda": lambda: torch.cuda.get_device_name(device), "meta": lambda: "meta device (allocations counted)"}
+    names = {"cuda": lambda: torch.cuda.get_device_name(device), "meta": lambda: "meta device, allocations counted"}
     name = names.get(device.type, lambda: platform.processor() or platform.machine() or "cpu")()
     env = {"device": device.type, "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "threads": torch.get_num_threads(), "git_sha": git_sha(repo)}
