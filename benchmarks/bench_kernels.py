@@ -20,6 +20,10 @@ rate.
 Without CUDA only the eager reference runs, on tiny shapes: those timings are of the reference
 path on CPU, memory is GPU-only (null), and no ratio is computed; the outputs say so.
 
+``--graphs`` (CUDA) times the GPU side alone, where host work would bound a call (4k rows): the
+fused op and the matmuls are captured once in a CUDA graph and replayed, compile runs with
+mode="reduce-overhead" (its own CUDA graphs); eager cannot be captured and is left out.
+
 ``--device meta`` times nothing: it counts the peak extra allocation of eager and fused at the GPU
 shapes on the meta device (``lowres_kd.planner.memtrack.LiveBytes``, what
 ``torch.cuda.max_memory_allocated`` counts before the allocator rounds blocks to 512 bytes), on
@@ -32,6 +36,7 @@ quantiles), kernels_<device>.md (table with the ratios) and kernels_<device>.png
     python benchmarks/bench_kernels.py --quick            # 3 shapes, on the GPU
     python benchmarks/bench_kernels.py --max-seconds 300  # all 18 shapes that fit in 5 minutes
     python benchmarks/bench_kernels.py --device meta      # memory only, no GPU needed
+    python benchmarks/bench_kernels.py --graphs --quick   # GPU time alone, without host work
 """
 from __future__ import annotations
 
@@ -64,6 +69,8 @@ CPU_NOTE = "CPU run: timings are of the eager reference path only (no Triton, no
 META_NOTE = ("meta run: no timings; peak extra allocations counted on the meta device (LiveBytes), which "
              "for eager equal those measured on an H200")
 NOTES = {"cpu": CPU_NOTE, "meta": META_NOTE, "cuda": None}
+GRAPHS_NOTE = ("CUDA graphs: fused and matmul replay one captured forward + backward, compile is torch.compile "
+               "mode='reduce-overhead'; the times hold no host work; no memory column (graph pools)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per method and shape")
     p.add_argument("--distance", default="cos_smoothl1", help="distance of the loss")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--graphs", action="store_true",
+                   help="CUDA only: time the GPU side alone; fused and matmul as CUDA graph replays, compile with "
+                        "mode='reduce-overhead', no eager (writes kernels_graphs_<device>.*)")
     return p
 
 
@@ -143,6 +153,29 @@ def _peak_extra_mib(fn: Callable[[], None], device: torch.device, leaves) -> Opt
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def graph_replay(fn: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+    """A callable that replays ``fn`` captured in a CUDA graph. The capture happens on the first
+    call, after ``warmup`` runs on a side stream (as PyTorch's whole-network capture does), so that
+    a capture error surfaces where the benchmark records errors."""
+    captured = []
+
+    def replay():
+        if not captured:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            captured.append(graph)
+        captured[0].replay()
+
+    return replay
+
+
 def _make_inputs(n, k, c, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(n, k, generator=g).to(device, dtype).requires_grad_()
@@ -161,7 +194,7 @@ def mixed_eager(h, w, b, t, row_weight, distance):
     return DISTANCES.get(distance)(pred.float(), t.float()).mean()
 
 
-def _methods(h, w, b, t, distance, device, use_compile) -> Dict[str, Callable[[], None]]:
+def _methods(h, w, b, t, distance, device, use_compile, graphs=False) -> Dict[str, Callable[[], None]]:
     leaves = (h, w, b)
 
     def step(loss_fn):
@@ -171,6 +204,20 @@ def _methods(h, w, b, t, distance, device, use_compile) -> Dict[str, Callable[[]
             loss_fn(h, w, b, t, None, distance=distance).backward()
         return run
 
+    hd, wd = h.detach(), w.detach()
+
+    def matmul():
+        p = hd @ wd.T
+        p @ wd
+        p.T @ hd
+
+    fused = step(lambda *a, **k: fused_linear_distill(*a, **k, backend="triton"))
+    if graphs:  # no eager: its scalar tensor made from a Python number cannot be captured
+        ms = {}
+        if use_compile:
+            torch._dynamo.reset()
+            ms["compile"] = step(torch.compile(fused_linear_distill_reference, mode="reduce-overhead"))
+        return {**ms, "fused": graph_replay(fused), "matmul": graph_replay(matmul)}
     ms: Dict[str, Callable[[], None]] = {"eager": step(fused_linear_distill_reference)}
     if device.type == "meta":  # the op's host code: it allocates as on a GPU, launches nothing
         from lowres_kd.kernels.linear_distill import fused_linear_distill_triton
@@ -182,14 +229,7 @@ def _methods(h, w, b, t, distance, device, use_compile) -> Dict[str, Callable[[]
     if use_compile:
         torch._dynamo.reset()  # a fresh compile per shape (and no recompile limit across shapes)
         ms["compile"] = step(torch.compile(fused_linear_distill_reference))
-    ms["fused"] = step(lambda *a, **k: fused_linear_distill(*a, **k, backend="triton"))
-    hd, wd = h.detach(), w.detach()
-
-    def matmul():
-        p = hd @ wd.T
-        p @ wd
-        p.T @ hd
-
+    ms["fused"] = fused
     ms["matmul"] = matmul
     return ms
 
@@ -199,16 +239,17 @@ def bench_shape(shape, dtype, device, args, env) -> List[Dict]:
     h, w, b, t = _make_inputs(n, k, c, dtype, device)
     flops = 6.0 * n * k * c
     rows = []
-    for name, fn in _methods(h, w, b, t, args.distance, device, not args.no_compile).items():
+    for name, fn in _methods(h, w, b, t, args.distance, device, not args.no_compile, args.graphs).items():
         row = {**env, "method": name, "N": n, "K": k, "C": c, "dtype": str(dtype).replace("torch.", ""),
                "distance": args.distance, "flops": flops, "error": None}
-        if NOTES[device.type]:
-            row["note"] = NOTES[device.type]
+        note = GRAPHS_NOTE if args.graphs else NOTES[device.type]
+        if note:
+            row["note"] = note
         try:
             if device.type != "meta":
                 row.update(_quantiles(*_time(fn, device, args.warmup, args.repeats)))
                 row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
-            row["peak_extra_mib"] = _peak_extra_mib(fn, device, (h, w, b))
+            row["peak_extra_mib"] = None if args.graphs else _peak_extra_mib(fn, device, (h, w, b))
         except Exception as exc:  # e.g. torch.compile failing: record it, keep the other methods
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             if device.type == "cuda":
@@ -326,11 +367,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         ok, why = triton_usable()
         if not ok:
             raise SystemExit(f"the fused op needs Triton: {why}")
+    if args.graphs and device.type != "cuda":
+        raise SystemExit("--graphs needs a CUDA device")
     if device.type == "meta" and importlib.util.find_spec("triton") is None:
         raise SystemExit("--device meta runs the fused op's host code, which needs Triton (the 'gpu' extra)")
     dtype = DTYPES[args.dtype]
     env = _env(device)
-    note = NOTES[device.type]
+    note = GRAPHS_NOTE if args.graphs else NOTES[device.type]
     if args.shapes:
         shapes = _parse_shapes(args.shapes)
     elif device.type == "cpu":
@@ -354,10 +397,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if skipped:
         print(f"--max-seconds {args.max_seconds}: skipped {len(skipped)} shapes: {skipped}")
     rat = ratios(rows)
-    result = {"meta": {**env, "note": note, "dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats,
+    result = {"meta": {**env, "note": note, "graphs": args.graphs, "dtype": args.dtype, "warmup": args.warmup,
+                       "repeats": args.repeats,
                        "skipped_shapes": skipped, "seconds": time.perf_counter() - t0},
               "rows": rows, "ratios": rat}
-    write_results(args.out, "kernels", env, result, lambda path: write_markdown(path, env, rows, rat, note),
+    write_results(args.out, "kernels_graphs" if args.graphs else "kernels", env, result, lambda path: write_markdown(path, env, rows, rat, note),
                   lambda path: write_plot(path, env, rows, rat, note))
     return result
 

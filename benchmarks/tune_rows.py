@@ -35,7 +35,7 @@ for path in (HERE.parent, HERE):  # the repository (lowres_kd) and bench_kernels
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_kernels import DTYPES, _fmt, _time  # noqa: E402
+from bench_kernels import DTYPES, _fmt, _time, graph_replay  # noqa: E402
 from lowres_kd.kernels import linear_distill as ld, triton_usable  # noqa: E402
 from lowres_kd.losses import DISTANCES  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
@@ -100,15 +100,12 @@ def _device_ms(fn, device, args) -> Tuple[float, str]:
     replayed, so that issuing the launches (Triton's host code, tens of microseconds) cannot hide
     a kernel of similar length; where capture fails, plain launches are timed and the row says so."""
     if device.type == "cuda":
-        try:
-            for _ in range(args.warmup):  # compiles before the capture
+        def calls():
+            for _ in range(GRAPHED):
                 fn()
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(GRAPHED):
-                    fn()
-            ms, _ = _time(graph.replay, device, 1, args.repeats)
+
+        try:
+            ms, _ = _time(graph_replay(calls, args.warmup), device, 1, args.repeats)
             return statistics.median(ms) / GRAPHED, "graph"
         except Exception as exc:  # noqa: BLE001 - fall back to plain launches, recorded in the row
             print(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); timing plain launches")
