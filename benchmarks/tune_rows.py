@@ -121,14 +121,14 @@ def sweep_width(n_cols, args, device, dtype) -> List[Dict]:
     dist = ld._distance(args.distance, ALPHA, BETA)
     fold = dtype != torch.float16  # as the op: fp16 keeps dP unnormalised
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # dP is stored in the input dtype
-    default = ld._tiling(rows, n_cols, device, None)
+    default = ld._tiling(rows, n_cols, device.type, None)
     bytes_moved = 3 * p_ref.numel() * p_ref.element_size()
 
     p_add = p_ref.clone()
     add_ms, add_how = _device_ms(lambda: torch.add(p_add, t, out=p_add), device, args)
     results, seen = [], set()
     for tile, rpp in itertools.product(args.tiles, args.rows_per_program):
-        tiling = ld._tiling(rows, n_cols, device, None, tile=tile, rows_per_program=rpp)
+        tiling = ld._tiling(rows, n_cols, device.type, None, tile=tile, rows_per_program=rpp)
         if tiling in seen:
             continue
         seen.add(tiling)

@@ -322,6 +322,12 @@ def _finish_grads_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: ``triton.cdiv`` is a constexpr-function wrapper that costs about 1.5 us
+    a call on the host, and host work is what bounds a call at small N."""
+    return -(-a // b)
+
+
 class _Distance(NamedTuple):
     has_cos: bool
     elem: int
@@ -337,6 +343,7 @@ class _Tiling(NamedTuple):
     programs: int  # the most programs a launch of the row kernel uses (rows of the table)
 
 
+@functools.lru_cache(maxsize=64)
 def _distance(distance: str, alpha: float, beta: float) -> _Distance:
     has_cos, elem = _KERNEL_DISTANCES[distance]
     if distance == "cos_smoothl1":
@@ -346,7 +353,8 @@ def _distance(distance: str, alpha: float, beta: float) -> _Distance:
     return _Distance(has_cos, elem, float(w_cos), float(w_elem), float(beta))
 
 
-def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optional[int], *,
+@functools.lru_cache(maxsize=256)  # a few shapes per run: computed once each, not per call
+def _tiling(chunk_rows: int, n_cols: int, device_type: str, block_c: Optional[int], *,
             tile: Optional[int] = None, rows_per_program: int = ROWS_PER_PROGRAM) -> _Tiling:
     """GPU and meta (which stands for the GPU the planner plans for): a tile is a whole row, up to
     4096 columns (block_c, the next power of two), times block_m = GPU_TILE // block_c rows when
@@ -354,9 +362,9 @@ def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optiona
     grows with the number of tiles it steps through. Every program takes about ``rows_per_program``
     rows, in blocks of block_m. benchmarks/tune_rows.py alone overrides ``tile`` (elements, on any
     device; a tile narrower than the row splits it) and ``rows_per_program``."""
-    on_gpu = device.type in ("cuda", "meta")
+    on_gpu = device_type in ("cuda", "meta")
     if block_c is None:
-        block_c = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 1024)
+        block_c = min(1 << (max(n_cols, 1) - 1).bit_length(), 4096 if on_gpu else 1024)  # next power of two
         if tile is not None:
             block_c = min(block_c, tile)
     for name, value in (("tile", tile), ("block_c", block_c)):
@@ -369,7 +377,7 @@ def _tiling(chunk_rows: int, n_cols: int, device: torch.device, block_c: Optiona
         num_warps = max(4, min(16, block_m * block_c // 256))
     else:
         block_m, num_warps = 16, 4
-    programs = triton.cdiv(triton.cdiv(chunk_rows, block_m), triton.cdiv(rows_per_program, block_m))
+    programs = _cdiv(_cdiv(chunk_rows, block_m), _cdiv(rows_per_program, block_m))
     return _Tiling(block_m, block_c, num_warps, max(1, programs))
 
 
@@ -404,7 +412,7 @@ def _chunked_pass(hidden, weight, bias, target, row_scale, den, dist: _Distance,
     through the linear layer."""
     n, c = hidden.shape[0], weight.shape[0]
     rows = chunk_rows or default_chunk_rows(n, c)
-    tiling = _tiling(min(rows, n), c, hidden.device, block_c)
+    tiling = _tiling(min(rows, n), c, hidden.device.type, block_c)
     need_dh, need_dw, need_db = need if write_grad else (False, False, False)
     loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device) if row_losses else None
     table = None if row_losses else torch.zeros(tiling.programs, c + 1, dtype=torch.float32, device=hidden.device)
@@ -459,7 +467,7 @@ def _launch_rows(p, t, row_scale, den, loss_rows, table, dist: _Distance, tiling
     if n_rows == 0 or p.device.type == "meta":  # meta: the planner measures allocations only
         return
     dummy = p  # never read: pointer arguments that a constexpr flag switches off
-    grid = (min(triton.cdiv(n_rows, tiling.block_m), tiling.programs),)
+    grid = (min(_cdiv(n_rows, tiling.block_m), tiling.programs),)
     _distill_rows_kernel[grid](
         p, t, dummy if row_scale is None else row_scale, dummy if den is None else den,
         dummy if loss_rows is None else loss_rows, dummy if table is None else table,
@@ -486,7 +494,7 @@ def _finish_grads(dh, dw, db, *, grad_out, den, factor, weight_dtype, bias_dtype
     if present is None or n_dh + n_dw + n_db == 0 or present.device.type == "meta":
         return dh, dw_out, db_out
     block = 4096 if present.is_cuda else 65536
-    blocks = [triton.cdiv(x, block) for x in (n_dh, n_dw, n_db)]
+    blocks = [_cdiv(x, block) for x in (n_dh, n_dw, n_db)]
 
     def ptr(x):  # absent tensors: any pointer, never read (their count is 0, or their flag off)
         return present if x is None else x

@@ -43,7 +43,7 @@ def test_tune_rows_check_fails_on_a_wrong_kernel_result():
     from lowres_kd.kernels import linear_distill as ld
 
     p, t = torch.randn(21, 40), torch.randn(21, 40)
-    tiling = ld._tiling(21, 40, p.device, None)
+    tiling = ld._tiling(21, 40, p.device.type, None)
     cos = ld._distance("cos", tune.ALPHA, tune.BETA)
     for fold in (True, False, True):  # repeated on the same fp32 input: nothing accumulates
         assert tune._check(tiling, p, t, cos, "cos", fold=fold) < 1e-5
