@@ -222,7 +222,7 @@ def _methods(h, w, b, t, distance, device, use_compile, graphs=False) -> Dict[st
     if device.type == "meta":  # the op's host code: it allocates as on a GPU, launches nothing
         from lowres_kd.kernels.linear_distill import fused_linear_distill_triton
 
-        ms["fused"] = step(fused_linear_distill_triton)
+        return {**ms, "fused": step(fused_linear_distill_triton)}
     if device.type != "cuda":
         return ms
     ms["mixed"] = step(mixed_eager)
@@ -234,15 +234,20 @@ def _methods(h, w, b, t, distance, device, use_compile, graphs=False) -> Dict[st
     return ms
 
 
+def _note(args, device: torch.device) -> Optional[str]:
+    """What every row and output file of this run says about how it was measured."""
+    return GRAPHS_NOTE if args.graphs else NOTES[device.type]
+
+
 def bench_shape(shape, dtype, device, args, env) -> List[Dict]:
     n, k, c = shape
     h, w, b, t = _make_inputs(n, k, c, dtype, device)
     flops = 6.0 * n * k * c
+    note = _note(args, device)
     rows = []
     for name, fn in _methods(h, w, b, t, args.distance, device, not args.no_compile, args.graphs).items():
         row = {**env, "method": name, "N": n, "K": k, "C": c, "dtype": str(dtype).replace("torch.", ""),
                "distance": args.distance, "flops": flops, "error": None}
-        note = GRAPHS_NOTE if args.graphs else NOTES[device.type]
         if note:
             row["note"] = note
         try:
@@ -373,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         raise SystemExit("--device meta runs the fused op's host code, which needs Triton (the 'gpu' extra)")
     dtype = DTYPES[args.dtype]
     env = _env(device)
-    note = GRAPHS_NOTE if args.graphs else NOTES[device.type]
+    note = _note(args, device)
     if args.shapes:
         shapes = _parse_shapes(args.shapes)
     elif device.type == "cpu":
@@ -398,11 +403,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"--max-seconds {args.max_seconds}: skipped {len(skipped)} shapes: {skipped}")
     rat = ratios(rows)
     result = {"meta": {**env, "note": note, "graphs": args.graphs, "dtype": args.dtype, "warmup": args.warmup,
-                       "repeats": args.repeats,
-                       "skipped_shapes": skipped, "seconds": time.perf_counter() - t0},
+                       "repeats": args.repeats, "skipped_shapes": skipped, "seconds": time.perf_counter() - t0},
               "rows": rows, "ratios": rat}
-    write_results(args.out, "kernels_graphs" if args.graphs else "kernels", env, result, lambda path: write_markdown(path, env, rows, rat, note),
-                  lambda path: write_plot(path, env, rows, rat, note))
+    write_results(args.out, "kernels_graphs" if args.graphs else "kernels", env, result,
+                  lambda path: write_markdown(path, env, rows, rat, note), lambda path: write_plot(path, env, rows, rat, note))
     return result
 
 

@@ -119,7 +119,7 @@ def sweep_width(n_cols, args, device, dtype) -> List[Dict]:
     p_ref = torch.randn(rows, n_cols, generator=g).to(device, dtype)
     t = torch.randn(rows, n_cols, generator=g).to(device, dtype)
     dist = ld._distance(args.distance, ALPHA, BETA)
-    fold = dtype != torch.float16  # as the op: fp16 keeps dP unnormalised
+    fold = ld.folds_norm(dtype)  # as the op runs it
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # dP is stored in the input dtype
     default = ld._tiling(rows, n_cols, device.type, None)
     bytes_moved = 3 * p_ref.numel() * p_ref.element_size()

@@ -381,6 +381,12 @@ def _tiling(chunk_rows: int, n_cols: int, device_type: str, block_c: Optional[in
     return _Tiling(block_m, block_c, num_warps, max(1, programs))
 
 
+def folds_norm(dtype: torch.dtype) -> bool:
+    """Whether the mean's normaliser is folded into dP for this input dtype: not for fp16, where 1/N
+    of a per-element gradient would underflow for large N (see the module docstring)."""
+    return dtype != torch.float16
+
+
 def default_chunk_rows(n_rows: int, n_cols: int) -> int:
     """Rows per chunk: the largest power of two with rows * C <= CHUNK_ELEMS (at least 16)."""
     rows = max(16, CHUNK_ELEMS // max(n_cols, 1))
@@ -538,7 +544,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         weighted_mean = reduction == "mean" and scale is not None
         den = scale.sum() if weighted_mean else None  # on the device: no host sync
         norm = 1.0 / max(n, 1) if reduction == "mean" and scale is None else 1.0
-        fold = hidden.dtype != torch.float16  # fp16 keeps dP unnormalised (underflow), see the docstring
+        fold = folds_norm(hidden.dtype)
         write_grad = bool(want_grad) and any(need)
         loss, dh, dw, db = _chunked_pass(hidden, w_c, b_c, target, scale, den, dist, norm=norm, fold=fold,
                                          write_grad=write_grad, need=need, row_losses=False, **ctx.tiles)
