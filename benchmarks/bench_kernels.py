@@ -1,37 +1,53 @@
-"""Benchmark the fused linear + distillation op against the plain PyTorch baseline.
+"""Benchmark the fused linear + distillation op against what a careful user would run instead.
 
 Per shape (N rows, K hidden width, C teacher width) it times one forward + backward of
-  eager    the one reference, lowres_kd.losses.fused_linear_distill_reference (fp32 maths,
-           as the loss is defined: fp32 GEMMs for 16-bit inputs)
-  mixed    the same loss as a training loop would write it eagerly: the projection in the input
-           dtype (16-bit cuBLAS), the registered distance on its fp32 copy (GPU only)
-  compile  torch.compile of that same reference (skipped, with the error recorded, if it fails)
-  fused    the chunked Triton op (lowres_kd.kernels, backend="triton")
+  mixed    the headline baseline, the loss as careful mixed-precision training code writes it
+           eagerly: the projection in 16 bits (bf16 autocast; for 16-bit inputs their own dtype),
+           the loss on it in fp32 (``lowres_kd_kernels.distill_loss_reference``, the loss half of
+           the one reference), TF32 matmuls allowed on CUDA
+  compile  torch.compile of that same mixed version (skipped, with the error recorded, if it fails)
+  fused    the chunked Triton op (lowres_kd_kernels, backend="triton")
   matmul   three plain matmuls with the FLOPs of forward + backward (P = H W^T, P W, P^T H:
            6 N K C), a roofline-ish yardstick
 and reports median / p20 / p80 over repeats (after warmup; CUDA events), the median host time to
 issue a run (CPU side, no sync: when it is close to the device time, host work bounds the run),
-the peak extra GPU memory
-(torch.cuda.max_memory_allocated minus the memory held once inputs exist, stats reset before
-each method; it includes the returned gradients), and the ratios: fused speed-up over eager,
-mixed and compile, fused memory / eager memory, and the fused rate as a fraction of the matmul
+the peak extra GPU memory (torch.cuda.max_memory_allocated minus the memory held once inputs
+exist, stats reset before each method; it includes the returned gradients), the accuracy of
+each method against the oracle, and the ratios: fused speed-up over mixed eager and over compile,
+fused memory / mixed-eager memory (and / compile), and the fused rate as a fraction of the matmul
 rate.
 
-Without CUDA only the eager reference runs, on tiny shapes: those timings are of the reference
-path on CPU, memory is GPU-only (null), and no ratio is computed; the outputs say so.
+The oracle is the reference itself, lowres_kd_kernels.fused_linear_distill_reference, in fp32 with
+TF32 off (the loss as it is defined): each method's loss and gradients are compared with it
+(relative error, the worst of dH, dW, db). It is not a speed baseline (nobody trains with fp32
+GEMMs for bf16 inputs); ``--time-fp32`` also times it, as the row "fp32".
+
+What the fused op keeps in memory: per row chunk of R rows (R * C <= 2^25 elements) one (R, C)
+16-bit projection that becomes its gradient in place. At the recipes' shapes (a batch of 32-64
+images, 256-1024 tokens each, C <= 1024: N * C <= 2^24) that chunk is the whole (N, C)
+projection, in bf16: it is never materialised in fp32 and no fp32 (N, C) temporaries are saved for
+backward, which is where the memory ratio comes from. Only above 2^25 elements (here: the
+65536-row shapes) does it split into several chunks.
+
+Without CUDA only the mixed version runs (bf16 autocast on the CPU), on tiny shapes: those
+timings are of that eager path on CPU, memory is GPU-only (null), and no ratio is computed; the
+outputs say so. ``--no-compile`` (or a CPU run) leaves out torch.compile.
 
 ``--graphs`` (CUDA) times the GPU side alone, where host work would bound a call (4k rows): the
 fused op and the matmuls are captured once in a CUDA graph and replayed, compile runs with
-mode="reduce-overhead" (its own CUDA graphs); eager cannot be captured and is left out.
+mode="reduce-overhead" (its own CUDA graphs); mixed eager cannot be captured (its mean divides
+by a tensor made from a Python number) and is left out.
 
-``--device meta`` times nothing: it counts the peak extra allocation of eager and fused at the GPU
-shapes on the meta device (``lowres_kd.planner.memtrack.LiveBytes``, what
-``torch.cuda.max_memory_allocated`` counts before the allocator rounds blocks to 512 bytes), on
-any machine with Triton installed. Its eager counts equal those measured on an H200 (``kernels_nvidia-h200.md``; a test
-checks all 18 shapes), so its memory ratio stands for the GPU's where no GPU was at hand.
+``--device meta`` times nothing: it counts the peak extra allocation of the fp32 reference, mixed
+eager and fused at the GPU shapes on the meta device (``lowres_kd.planner.memtrack.LiveBytes``,
+what ``torch.cuda.max_memory_allocated`` counts before the allocator rounds blocks to 512 bytes),
+on any machine with Triton installed. Its fp32-reference counts equal those measured on an H200
+(``kernels_nvidia-h200.md``, where that row is named "eager"; a test checks all 18 shapes); the
+mixed-eager counts are not yet checked against a GPU.
 
 Writes to --out: kernels_<device>.json (rows with device, versions, git sha, shape, dtype,
-quantiles), kernels_<device>.md (table with the ratios) and kernels_<device>.png (ratios per shape).
+quantiles, accuracy), kernels_<device>.md (tables with the ratios) and kernels_<device>.png
+(ratios per shape).
 
     python benchmarks/bench_kernels.py --quick            # 3 shapes, on the GPU
     python benchmarks/bench_kernels.py --max-seconds 300  # all 18 shapes that fit in 5 minutes
@@ -41,6 +57,7 @@ quantiles), kernels_<device>.md (table with the ratios) and kernels_<device>.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import statistics
@@ -55,34 +72,35 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
-from lowres_kd.kernels import fused_linear_distill, triton_usable
 from lowres_kd.planner.memtrack import LiveBytes  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
-from lowres_kd.losses import DISTANCES, fused_linear_distill_reference  # the one reference: no second one here
+# the one reference (and its loss half, for the mixed baseline): no second one here
+from lowres_kd_kernels import (  # noqa: E402
+    distill_loss_reference, fused_linear_distill, fused_linear_distill_reference, triton_usable)
 
 GPU_SHAPES = [(n, k, c) for n, k, c in itertools.product((4096, 16384, 65536), (768, 1024), (768, 1024, 1280))]
 QUICK_SHAPES = [(4096, 768, 768), (16384, 1024, 1024), (65536, 1024, 1280)]
 CPU_SHAPES = [(128, 48, 64), (256, 64, 96)]
-METHODS = ("eager", "mixed", "compile", "fused", "matmul")
+METHODS = ("fp32", "mixed", "compile", "fused", "matmul")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CPU_NOTE = "CPU run: timings are of the eager reference path only (no Triton, no ratios); memory is GPU-only"
+CPU_NOTE = ("CPU run: timings are of the mixed eager path only (bf16 autocast on the CPU; no Triton, no compile, "
+            "no ratios); memory is GPU-only")
 META_NOTE = ("meta run: no timings; peak extra allocations counted on the meta device (LiveBytes), which "
-             "for eager equal those measured on an H200")
-NOTES = {"cpu": CPU_NOTE, "meta": META_NOTE, "cuda": None}
+             "for the fp32 reference equal those measured on an H200 (mixed eager: not yet checked on a GPU)")
+CUDA_NOTE = ("baselines: mixed eager (bf16 projection, fp32 loss, TF32 on) and torch.compile of it; the fp32 "
+             "reference (TF32 off) is the accuracy oracle")
+NOTES = {"cpu": CPU_NOTE, "meta": META_NOTE, "cuda": CUDA_NOTE}
 GRAPHS_NOTE = ("CUDA graphs: fused and matmul replay one captured forward + backward, compile is torch.compile "
-               "mode='reduce-overhead'; the times hold no host work; no memory column (graph pools)")
+               "of mixed eager, mode='reduce-overhead'; the times hold no host work; no memory column (graph pools)")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].rstrip(".") + ". Times forward+backward of the eager reference (fp32), "
-        "a mixed-precision eager version (GPU), torch.compile(reference), the fused Triton op and a 3-matmul "
-        "yardstick; writes JSON, Markdown and PNG.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output folder")
     p.add_argument("--device", choices=("auto", "cuda", "cpu", "meta"), default="auto",
-                   help="auto: cuda when available; cpu runs tiny shapes with the reference only; meta counts "
-                        "eager's and fused's memory at the GPU shapes, without timing")
+                   help="auto: cuda when available; cpu runs tiny shapes with mixed eager only; meta counts "
+                        "the fp32 reference's, mixed eager's and fused's memory at the GPU shapes, without timing")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of hidden, weight, bias, target")
     p.add_argument("--quick", action="store_true", help=f"GPU: only the shapes {QUICK_SHAPES}")
     p.add_argument("--shapes", nargs="+", metavar="NxKxC", help="explicit shapes, e.g. 4096x768x1024 (overrides --quick)")
@@ -92,9 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per method and shape")
     p.add_argument("--distance", default="cos_smoothl1", help="distance of the loss")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--time-fp32", action="store_true",
+                   help="also time the fp32 reference (row 'fp32'; it is the accuracy oracle either way)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the comparison with the fp32 oracle")
     p.add_argument("--graphs", action="store_true",
                    help="CUDA only: time the GPU side alone; fused and matmul as CUDA graph replays, compile with "
-                        "mode='reduce-overhead', no eager (writes kernels_graphs_<device>.*)")
+                        "mode='reduce-overhead', no mixed eager (writes kernels_graphs_<device>.*)")
     return p
 
 
@@ -185,16 +206,68 @@ def _make_inputs(n, k, c, dtype, device):
     return h, w, b, t
 
 
-def mixed_eager(h, w, b, t, row_weight, distance):
-    """The loss as eager training code writes it: projection in the input dtype, distance in fp32.
-    (Same arguments as the reference; the benchmark passes no row weights.)"""
-    if row_weight is not None:
-        raise ValueError("mixed_eager takes no row weights")
-    pred = torch.nn.functional.linear(h, w, b)
-    return DISTANCES.get(distance)(pred.float(), t.float()).mean()
+def allow_tf32(device: torch.device) -> None:
+    """What a careful user sets for training on CUDA: fp32 matmuls may use TF32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
 
 
-def _methods(h, w, b, t, distance, device, use_compile, graphs=False) -> Dict[str, Callable[[], None]]:
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off for the oracle: the loss as it is defined."""
+    before, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def mixed_eager(h, w, b, t, row_weight=None, distance="cos_smoothl1", alpha=0.5, beta=1.0, reduction="mean"):
+    """The loss as careful mixed-precision training code writes it: the projection under bf16
+    autocast (16-bit inputs stay in their dtype), the loss on it in fp32 through the reference's
+    own loss half. Same arguments and result (to 16-bit rounding) as the reference."""
+    device = h.device
+    low = h.dtype if h.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    cast = (torch.autocast(device.type, dtype=low) if device.type in ("cuda", "cpu") and h.dtype != low
+            else contextlib.nullcontext())  # meta has no autocast: its inputs are 16-bit (the default) or stay fp32
+    with cast:
+        pred = torch.nn.functional.linear(h, w, b)
+    return distill_loss_reference(pred, t, row_weight, alpha=alpha, beta=beta, distance=distance, reduction=reduction)
+
+
+def _fused(*a, **k):
+    return fused_linear_distill(*a, **k, backend="triton")
+
+
+def _loss_fns(device, use_compile, graphs, time_fp32) -> Dict[str, Callable]:
+    """The timed losses of this run, by method name (all take the reference's arguments)."""
+    if graphs:  # no mixed eager: its scalar tensor made from a Python number cannot be captured
+        fns = {}
+        if use_compile:
+            torch._dynamo.reset()
+            fns["compile"] = torch.compile(mixed_eager, mode="reduce-overhead")
+        return {**fns, "fused": _fused}
+    if device.type == "meta":  # the op's host code: it allocates as on a GPU, launches nothing
+        from lowres_kd_kernels.linear_distill import fused_linear_distill_triton
+
+        return {"fp32": fused_linear_distill_reference, "mixed": mixed_eager, "fused": fused_linear_distill_triton}
+    fns = {"fp32": fused_linear_distill_reference} if time_fp32 else {}
+    fns["mixed"] = mixed_eager
+    if device.type != "cuda":
+        return fns
+    if use_compile:
+        torch._dynamo.reset()  # a fresh compile per shape (and no recompile limit across shapes)
+        fns["compile"] = torch.compile(mixed_eager)
+    fns["fused"] = _fused
+    return fns
+
+
+def _methods(h, w, b, t, distance, device, use_compile, graphs=False, time_fp32=False):
+    """(steps, losses): per method a no-argument forward + backward, and the loss function it runs."""
     leaves = (h, w, b)
 
     def step(loss_fn):
@@ -211,27 +284,35 @@ def _methods(h, w, b, t, distance, device, use_compile, graphs=False) -> Dict[st
         p @ wd
         p.T @ hd
 
-    fused = step(lambda *a, **k: fused_linear_distill(*a, **k, backend="triton"))
-    if graphs:  # no eager: its scalar tensor made from a Python number cannot be captured
-        ms = {}
-        if use_compile:
-            torch._dynamo.reset()
-            ms["compile"] = step(torch.compile(fused_linear_distill_reference, mode="reduce-overhead"))
-        return {**ms, "fused": graph_replay(fused), "matmul": graph_replay(matmul)}
-    ms: Dict[str, Callable[[], None]] = {"eager": step(fused_linear_distill_reference)}
-    if device.type == "meta":  # the op's host code: it allocates as on a GPU, launches nothing
-        from lowres_kd.kernels.linear_distill import fused_linear_distill_triton
+    fns = _loss_fns(device, use_compile, graphs, time_fp32)
+    steps = {name: step(fn) for name, fn in fns.items()}
+    if graphs:
+        steps = {name: (graph_replay(fn) if name == "fused" else fn) for name, fn in steps.items()}
+    if device.type == "cuda":
+        steps["matmul"] = graph_replay(matmul) if graphs else matmul
+    return steps, fns
 
-        return {**ms, "fused": step(fused_linear_distill_triton)}
-    if device.type != "cuda":
-        return ms
-    ms["mixed"] = step(mixed_eager)
-    if use_compile:
-        torch._dynamo.reset()  # a fresh compile per shape (and no recompile limit across shapes)
-        ms["compile"] = step(torch.compile(fused_linear_distill_reference))
-    ms["fused"] = fused
-    ms["matmul"] = matmul
-    return ms
+
+def _loss_and_grads(loss_fn, h, w, b, t, distance):
+    for x in (h, w, b):
+        x.grad = None
+    loss = loss_fn(h, w, b, t, None, distance=distance)
+    loss.backward()
+    out = [loss.detach().double()] + [x.grad.detach().double().clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    return out
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def accuracy(loss_fn, oracle, h, w, b, t, distance) -> Dict[str, float]:
+    """Relative error of the loss and the worst of dH, dW, db against the oracle's."""
+    got = _loss_and_grads(loss_fn, h, w, b, t, distance)
+    return {"loss_rel_err": _rel_err(got[0], oracle[0]),
+            "grad_rel_err": max(_rel_err(g, r) for g, r in zip(got[1:], oracle[1:]))}
 
 
 def _note(args, device: torch.device) -> Optional[str]:
@@ -244,8 +325,13 @@ def bench_shape(shape, dtype, device, args, env) -> List[Dict]:
     h, w, b, t = _make_inputs(n, k, c, dtype, device)
     flops = 6.0 * n * k * c
     note = _note(args, device)
+    oracle = None
+    if device.type != "meta" and not args.graphs and not args.no_accuracy:
+        with full_fp32():
+            oracle = _loss_and_grads(fused_linear_distill_reference, h, w, b, t, args.distance)
+    steps, fns = _methods(h, w, b, t, args.distance, device, not args.no_compile, args.graphs, args.time_fp32)
     rows = []
-    for name, fn in _methods(h, w, b, t, args.distance, device, not args.no_compile, args.graphs).items():
+    for name, fn in steps.items():
         row = {**env, "method": name, "N": n, "K": k, "C": c, "dtype": str(dtype).replace("torch.", ""),
                "distance": args.distance, "flops": flops, "error": None}
         if note:
@@ -255,6 +341,8 @@ def bench_shape(shape, dtype, device, args, env) -> List[Dict]:
                 row.update(_quantiles(*_time(fn, device, args.warmup, args.repeats)))
                 row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
             row["peak_extra_mib"] = None if args.graphs else _peak_extra_mib(fn, device, (h, w, b))
+            if oracle is not None and name in fns:
+                row.update(accuracy(fns[name], oracle, h, w, b, t, args.distance))
         except Exception as exc:  # e.g. torch.compile failing: record it, keep the other methods
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             if device.type == "cuda":
@@ -266,27 +354,33 @@ def bench_shape(shape, dtype, device, args, env) -> List[Dict]:
 
 
 def ratios(rows: List[Dict]) -> List[Dict]:
-    """Per shape: fused vs eager / compile speed-up, fused / eager memory, fused rate / matmul rate."""
+    """Per shape: fused speed-up over mixed eager and compile, fused memory over theirs (and the
+    fp32 reference's, where counted), fused rate / matmul rate."""
     by_shape: Dict[tuple, Dict[str, Dict]] = {}
     for r in rows:
         by_shape.setdefault((r["N"], r["K"], r["C"]), {})[r["method"]] = r
 
-    def med(m, name):
+    def ok(m, name):
         r = m.get(name)
-        return r.get("median_ms") if r and not r.get("error") else None
+        return r if r and not r.get("error") else {}
+
+    def div(a, b):
+        return a / b if a is not None and b else None
 
     out = []
     for (n, k, c), m in by_shape.items():
-        f, e, mx, cp, mm = med(m, "fused"), med(m, "eager"), med(m, "mixed"), med(m, "compile"), med(m, "matmul")
-        fm = m.get("fused", {}).get("peak_extra_mib")
-        em = m.get("eager", {}).get("peak_extra_mib")
+        f, mx, cp, mm, fp = (ok(m, x) for x in ("fused", "mixed", "compile", "matmul", "fp32"))
+        fmem = f.get("peak_extra_mib")
         out.append({
             "N": n, "K": k, "C": c,
-            "fused_vs_eager_speedup": e / f if e and f else None,
-            "fused_vs_mixed_speedup": mx / f if mx and f else None,
-            "fused_vs_compile_speedup": cp / f if cp and f else None,
-            "fused_over_eager_memory": fm / em if fm is not None and em else None,
-            "fused_fraction_of_matmul_rate": mm / f if mm and f else None,
+            "fused_vs_mixed_speedup": div(mx.get("median_ms"), f.get("median_ms")),
+            "fused_vs_compile_speedup": div(cp.get("median_ms"), f.get("median_ms")),
+            "fused_over_mixed_memory": div(fmem, mx.get("peak_extra_mib")),
+            "fused_over_compile_memory": div(fmem, cp.get("peak_extra_mib")),
+            "fused_over_fp32_memory": div(fmem, fp.get("peak_extra_mib")),
+            "fused_fraction_of_matmul_rate": div(mm.get("median_ms"), f.get("median_ms")),
+            "fused_grad_rel_err": f.get("grad_rel_err"),
+            "mixed_grad_rel_err": mx.get("grad_rel_err"),
         })
     return out
 
@@ -301,22 +395,27 @@ def write_markdown(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], not
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git_sha']}", ""]
     if note:
         lines += [f"**{note}.**", ""]
-    lines += ["| N | K | C | dtype | method | median ms | p20 ms | p80 ms | host ms | TFLOP/s | peak extra MiB | error |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| N | K | C | dtype | method | median ms | p20 ms | p80 ms | host ms | TFLOP/s | peak extra MiB | "
+              "loss err vs fp32 | grad err vs fp32 | error |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = (r["error"] or "").replace("|", "/").replace("\n", " ")[:80]
         lines.append(f"| {r['N']} | {r['K']} | {r['C']} | {r['dtype']} | {r['method']} | {_fmt(r.get('median_ms'), '.3f')} | "
                      f"{_fmt(r.get('p20_ms'), '.3f')} | {_fmt(r.get('p80_ms'), '.3f')} | {_fmt(r.get('host_median_ms'), '.3f')} | "
-                     f"{_fmt(r.get('tflops'), '.3g')} | "
-                     f"{_fmt(r.get('peak_extra_mib'), '.1f')} | {err} |")
-    lines += ["", "Ratios (fused = chunked Triton op; eager = the fp32 reference; mixed eager = 16-bit projection, "
-              "fp32 distance; memory = peak extra allocation of one forward + backward):", "",
-              "| N | K | C | speed-up vs eager | vs mixed eager | vs compile | memory / eager | fraction of matmul rate |",
-              "|---|---|---|---|---|---|---|---|"]
+                     f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(r.get('peak_extra_mib'), '.1f')} | "
+                     f"{_fmt(r.get('loss_rel_err'), '.1e')} | {_fmt(r.get('grad_rel_err'), '.1e')} | {err} |")
+    lines += ["", "Ratios (fused = chunked Triton op; mixed eager = bf16 projection, fp32 loss, TF32 on; compile = "
+              "torch.compile of mixed eager; memory = peak extra allocation of one forward + backward; grad err = "
+              "worst relative error of dH, dW, db against the fp32 reference with TF32 off):", "",
+              "| N | K | C | speed-up vs mixed eager | vs compile | memory / mixed eager | memory / compile | "
+              "memory / fp32 ref | fraction of matmul rate | fused grad err | mixed grad err |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rat:
-        lines.append(f"| {r['N']} | {r['K']} | {r['C']} | {_fmt(r['fused_vs_eager_speedup'])} | "
-                     f"{_fmt(r.get('fused_vs_mixed_speedup'))} | {_fmt(r['fused_vs_compile_speedup'])} | {_fmt(r['fused_over_eager_memory'], '.3f')} | "
-                     f"{_fmt(r['fused_fraction_of_matmul_rate'])} |")
+        lines.append(f"| {r['N']} | {r['K']} | {r['C']} | {_fmt(r['fused_vs_mixed_speedup'])} | "
+                     f"{_fmt(r['fused_vs_compile_speedup'])} | {_fmt(r['fused_over_mixed_memory'], '.3f')} | "
+                     f"{_fmt(r['fused_over_compile_memory'], '.3f')} | {_fmt(r['fused_over_fp32_memory'], '.3f')} | "
+                     f"{_fmt(r['fused_fraction_of_matmul_rate'])} | {_fmt(r['fused_grad_rel_err'], '.1e')} | "
+                     f"{_fmt(r['mixed_grad_rel_err'], '.1e')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -328,15 +427,15 @@ def write_plot(path: Path, env: Dict, rows: List[Dict], rat: List[Dict], note: O
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rat) + 2), 4))
     labels = [f"{r['N']}x{r['K']}x{r['C']}" for r in rat]
-    if env["device"] == "cpu":  # the reference's time only
-        eager = {(r["N"], r["K"], r["C"]): r.get("median_ms") for r in rows if r["method"] == "eager"}
-        ax.bar(labels, [eager.get((r["N"], r["K"], r["C"])) or 0.0 for r in rat])
-        ax.set_ylabel("eager reference, median ms")
+    if env["device"] == "cpu":  # mixed eager's time only
+        mixed = {(r["N"], r["K"], r["C"]): r.get("median_ms") for r in rows if r["method"] == "mixed"}
+        ax.bar(labels, [mixed.get((r["N"], r["K"], r["C"])) or 0.0 for r in rat])
+        ax.set_ylabel("mixed eager, median ms")
         ax.set_title(f"{env['device_name']}\n{note}", fontsize=8)
     else:
-        keys = [("fused_vs_eager_speedup", "speed-up vs eager"), ("fused_vs_mixed_speedup", "speed-up vs mixed eager"),
-                ("fused_vs_compile_speedup", "speed-up vs compile"),
-                ("fused_over_eager_memory", "memory / eager"), ("fused_fraction_of_matmul_rate", "fraction of matmul rate")]
+        keys = [("fused_vs_mixed_speedup", "speed-up vs mixed eager"), ("fused_vs_compile_speedup", "speed-up vs compile"),
+                ("fused_over_mixed_memory", "memory / mixed eager"), ("fused_over_compile_memory", "memory / compile"),
+                ("fused_fraction_of_matmul_rate", "fraction of matmul rate")]
         keys = [(key, label) for key, label in keys if any(r.get(key) is not None for r in rat)]  # meta: memory only
         width = 0.8 / len(keys)
         for i, (key, label) in enumerate(keys):
@@ -377,6 +476,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if device.type == "meta" and importlib.util.find_spec("triton") is None:
         raise SystemExit("--device meta runs the fused op's host code, which needs Triton (the 'gpu' extra)")
     dtype = DTYPES[args.dtype]
+    allow_tf32(device)  # the baselines' (and the fused op's) fp32 matmuls, as a careful user runs them
     env = _env(device)
     note = _note(args, device)
     if args.shapes:
@@ -394,16 +494,18 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if args.max_seconds is not None and time.perf_counter() - t0 > args.max_seconds:
             skipped.append(shape)
             continue
-        rows += bench_shape(shape, dtype, device, args, env)
-        for r in rows[-len(METHODS):]:
-            if (r["N"], r["K"], r["C"]) == shape:
-                print(f"{r['N']:>6}x{r['K']}x{r['C']} {r['method']:<8} median {_fmt(r.get('median_ms'), '.3f')} ms  "
-                      f"peak extra {_fmt(r.get('peak_extra_mib'), '.1f')} MiB" + (f"  ERROR {r['error'][:120]}" if r["error"] else ""))
+        new = bench_shape(shape, dtype, device, args, env)
+        rows += new
+        for r in new:
+            print(f"{r['N']:>6}x{r['K']}x{r['C']} {r['method']:<8} median {_fmt(r.get('median_ms'), '.3f')} ms  "
+                  f"peak extra {_fmt(r.get('peak_extra_mib'), '.1f')} MiB  grad err {_fmt(r.get('grad_rel_err'), '.1e')}"
+                  + (f"  ERROR {r['error'][:120]}" if r["error"] else ""), flush=True)
     if skipped:
         print(f"--max-seconds {args.max_seconds}: skipped {len(skipped)} shapes: {skipped}")
     rat = ratios(rows)
     result = {"meta": {**env, "note": note, "graphs": args.graphs, "dtype": args.dtype, "warmup": args.warmup,
-                       "repeats": args.repeats, "skipped_shapes": skipped, "seconds": time.perf_counter() - t0},
+                       "repeats": args.repeats, "skipped_shapes": skipped,
+                       "tf32": device.type == "cuda", "oracle": "fp32 reference, TF32 off", "seconds": time.perf_counter() - t0},
               "rows": rows, "ratios": rat}
     write_results(args.out, "kernels_graphs" if args.graphs else "kernels", env, result,
                   lambda path: write_markdown(path, env, rows, rat, note), lambda path: write_plot(path, env, rows, rat, note))

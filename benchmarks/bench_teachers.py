@@ -26,6 +26,12 @@ fp32). Targets are reported as met / missed, never enforced.
 Without CUDA the defaults are small: ViT-S and ViT-B only, batch 2 at 224 px, two timed repeats,
 and --max-seconds stops starting new teachers/variants once spent.
 
+Shipped real ViT (``--shipped-vit dinov2``): a hook for the real DINOv2 ViT-S/14 that ships inside
+a package (family ``dinov2`` with ``weights: shipped``, being added beside this script). When that
+family is registered with shipped weights and its package is installed, it is benchmarked like
+the others (its cosine is then a real teacher's, unlike the random ViTs'); otherwise one row says
+why it was skipped and the rest runs on.
+
 Writes to --out: teachers_<device>.json (rows with device, versions, git sha), teachers_<device>.md
 (table + targets) and teachers_<device>.png (weight ratio, speed, cosine per variant).
 
@@ -76,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity-images", type=int, default=None, help="images for the cosine (default: the batch, at least 4)")
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards per variant (default: GPU 3, CPU 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per variant (default: GPU 10, CPU 2)")
+    p.add_argument("--shipped-vit", default=None, metavar="FAMILY",
+                   help="also benchmark this family's shipped real ViT weights (e.g. dinov2), if registered and "
+                        "installed; else a row says it was skipped")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: no new variant starts once spent (default: CPU 600, GPU none)")
     return p
@@ -262,6 +271,30 @@ def bench_teacher(name: str, args, device: torch.device, env: Dict, deadline: Op
     return rows
 
 
+def shipped_vit_unavailable(family: str) -> Optional[str]:
+    """None when ``family`` is a registered family with shipped weights, else why not."""
+    if family not in TEACHERS.list():
+        return f"family {family!r} is not registered"
+    if not ships_weights(family):
+        return f"family {family!r} has no shipped weights (weights: shipped not supported yet)"
+    return None
+
+
+def shipped_vit_rows(family: str, args, device: torch.device, env: Dict, deadline: Optional[float]) -> List[Dict]:
+    """HOOK: the shipped real ViT teacher (module docstring). Its rows, or one row saying why not."""
+    why = shipped_vit_unavailable(family)
+    if why is None:
+        try:
+            return [{**r, "shipped_vit": True} for r in bench_teacher(family, args, device, env, deadline)]
+        except Exception as exc:  # e.g. the weights package is not installed on this machine
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    print(f"shipped ViT {family}: skipped ({why})", flush=True)
+    return [{**env, "teacher": family, "family": family, "vit": True, "img": args.img, "batch": args.batch,
+             "variant": "shipped", "shipped_vit": True, "bits": 16, "offload": False, "baseline": False, "fp32_weight_bytes": None,
+             "error": f"skipped: shipped ViT not available ({why})", "speed_vs_baseline": None, "peak_vs_baseline": None,
+             "weights_vs_baseline": None, "meets_weight_target": None, "meets_cos_target": None}]
+
+
 def _add_ratios_and_targets(rows: List[Dict]) -> None:
     base = next((r for r in rows if r["baseline"] and not r["error"]), None)
     for r in rows:
@@ -365,6 +398,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     rows: List[Dict] = []
     for name in args.teachers:
         rows += bench_teacher(name, args, device, env, deadline)
+    if args.shipped_vit:
+        rows += shipped_vit_rows(args.shipped_vit, args, device, env, deadline)
     result = {"meta": {**env, "note": note, "img": args.img, "batch": args.batch, "warmup": args.warmup,
                        "repeats": args.repeats, "max_seconds": max_seconds, "seconds": time.perf_counter() - t0,
                        "weight_target": WEIGHT_TARGET, "cos_target": COS_TARGET},

@@ -8,7 +8,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowres_kd.kernels import fused_linear_distill
+from lowres_kd_kernels import fused_linear_distill
 
 
 def main() -> None:

@@ -36,8 +36,7 @@ for path in (HERE.parent, HERE):  # the repository (lowres_kd) and bench_kernels
         sys.path.insert(0, str(path))
 
 from bench_kernels import DTYPES, _fmt, _time, graph_replay  # noqa: E402
-from lowres_kd.kernels import linear_distill as ld, triton_usable  # noqa: E402
-from lowres_kd.losses import DISTANCES  # noqa: E402
+from lowres_kd_kernels import get_distance, linear_distill as ld, triton_usable  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
 
 ALPHA, BETA = 0.5, 1.0  # the distance's defaults (DESIGN 2.3)
@@ -85,7 +84,7 @@ def _check(tiling, p_ref, t, dist, distance, fold: bool) -> float:
     launch, table = _launcher(p, t, dist, tiling, fold)
     launch()
     pred = p_ref.to(torch.float32, copy=True).requires_grad_()  # a copy: fp32 p_ref must stay a plain leaf
-    loss = DISTANCES.get(distance)(pred, t.float(), alpha=ALPHA, beta=BETA).mean()
+    loss = get_distance(distance)(pred, t.float(), alpha=ALPHA, beta=BETA).mean()
     loss.backward()
     grad = pred.grad if fold else pred.grad * p.shape[0]
     sums, ref_loss = table.sum(0), loss.item()

@@ -1,25 +1,16 @@
 """``lowres_kd.load``: a finished run (or any checkpoint) back as a module, without teachers."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
+from .build import build_model, build_student
 from .config import recipe_from_dict
 from .model import InheritedModel
+from .rundir import checkpoint as ckpt
 from .teachers import TeacherSpec
-from .training import checkpoint as ckpt
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    if (path / ckpt.COMPLETE).is_file():
-        return path
-    if (path / "model" / ckpt.COMPLETE).is_file():
-        return path / "model"
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint nor a run directory with model/ or checkpoints/")
-    return latest
 
 
 def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> InheritedModel:
@@ -28,16 +19,37 @@ def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> I
     ``model(images)`` takes RGB images in [0, 1], (N, 3, H, W), and returns the student's
     global and dense features and, per teacher, the adapted features in that teacher's raw
     space. Only the student's architecture is built; no teacher weights are read.
-    """
-    from .training.trainer import build_student_and_teachers
 
-    path = _checkpoint_dir(Path(run_or_checkpoint))
-    tensors, meta = ckpt.read_dir(path, ["model"])
-    recipe = recipe_from_dict(meta["recipe"], source=str(path), check_values=False)
-    specs = {n: TeacherSpec(**{**s, "grid": tuple(s["grid"]), "mean": tuple(s["mean"]), "std": tuple(s["std"])})
-             for n, s in meta["specs"].items()}
-    student, _ = build_student_and_teachers(recipe, load_weights=False)
-    model = InheritedModel(student, specs, recipe.space.head_hidden, recipe.space.normalizer)
-    model.load_state_dict(tensors["model"])
+    A run directory is read from ``model/``, else its newest step checkpoint; one that cannot be
+    read (damaged, truncated, a garbled ``state.json``) is named on stderr and the next older one
+    is tried, as ``--resume`` does. A checkpoint directory given itself is read or refused.
+    """
+    found = ckpt.candidates(Path(run_or_checkpoint))
+    failures = []
+    for path in found:
+        try:
+            model = _load_checkpoint(path)
+        except ckpt.BadCheckpoint as exc:
+            failures.append(str(exc))
+            print(f"lowres-kd: skipping unreadable checkpoint {path}: {exc}", file=sys.stderr)
+            continue
+        if failures:
+            print(f"lowres-kd: loaded {path} instead (the newest readable checkpoint)", file=sys.stderr)
+        return model.to(device).eval()
+    if len(found) == 1:
+        raise ckpt.BadCheckpoint(failures[0])
+    raise ckpt.BadCheckpoint(f"{run_or_checkpoint}: no readable checkpoint among {len(found)} "
+                             f"({'; '.join(failures)})")
+
+
+def _load_checkpoint(path: Path) -> InheritedModel:
+    tensors, meta = ckpt.read_dir(path, ["model"], required=("model",))
+    try:
+        recipe = recipe_from_dict(meta["recipe"], source=f"{path}/state.json", check_values=False)
+        specs = {n: TeacherSpec.from_dict(s) for n, s in meta["specs"].items()}
+        model = build_model(recipe, build_student(recipe, load_weights=False), specs)
+        model.load_state_dict(tensors["model"])
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:  # a state.json or tensors not of a run
+        raise ckpt.BadCheckpoint(f"{path} does not hold a run's model ({type(exc).__name__}: {exc})") from exc
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return model

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 DESCRIPTION = """\
 Knowledge inheritance: train one student from several frozen vision teachers in a balanced
 shared space, starting from the general-purpose (base) teacher through an adapter.
 
-  lowres-kd train recipes/demo_cpu.yaml          # the CPU demo (about 10 minutes on 2 cores)
+  lowres-kd train recipes/demo_cpu.yaml          # the CPU demo (~14 minutes of training on 2 cores)
   lowres-kd probe runs/demo                      # probes + report.md for a finished run
 """
+
+
+def _add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the traceback of an error too (a user error is otherwise one line)")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +29,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowres-kd", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a student from a recipe",
@@ -37,11 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
     p = sub.add_parser("probe", help="score a finished run with frozen-feature probes and write report.md",
-                       description="Linear classification (labelled set), dense edge probe (HED edge maps) and "
-                                   "per-teacher fidelity; compares the student with every teacher, the untrained "
-                                   "student and a scratch baseline. Writes probes.json, report.md and PNG plots.")
+                       description="kNN and linear classification, linear segmentation (mIoU), dense edge probe "
+                                   "(HED edge maps) and per-teacher fidelity; compares the student with every "
+                                   "teacher, the untrained student and a scratch baseline. Each subject's features "
+                                   "on a set are computed once. Writes probes.json, report.md and PNG plots.")
     p.add_argument("run", help="run directory (runs/<name>) or checkpoint directory")
     p.add_argument("--probes", default=None, help="comma-separated probes to run (default: the recipe's probe.probes)")
+    p.add_argument("--data", default=None, metavar="SET[,SET...]",
+                   help="labelled sets, replacing the recipe's probe.data: fashion_mnist, digits, pasted (built-in "
+                        "segmentation) or a folder: FOLDER/{train,val}/<class>/ or FOLDER/<class>/ for classes, "
+                        "FOLDER/{images,masks}/ + classes.txt for segmentation (docs/evaluation.md)")
+    p.add_argument("--images", default=None, metavar="FOLDER",
+                   help="images for the edge and fidelity probes, replacing probe.images: a folder the student "
+                        "never trained on, or 'embedded'")
+    p.add_argument("--sizes", default=None, metavar="PX[,PX...]",
+                   help="score every probe at each input size (e.g. 112,160,224): the student, student@init and "
+                        "scratch run at that size; writes resolution.png (score against size)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="probe.KEY=VALUE",
+                   help="change a probe setting of the run's recipe for this scoring, e.g. "
+                        "--set probe.train_per_class=100 (repeatable; only probe.* keys)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the probes")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
@@ -58,7 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "family's own keys (timm / torchvision): usable without lowres-kd, or as a "
                                    "teacher's weights in a later recipe.")
     p.add_argument("run", help="run directory or checkpoint directory")
-    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("out", help="output .safetensors file (not inside the run's model/, checkpoints/ or cache/)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    p = sub.add_parser("compare", help="put scored runs side by side: one Markdown report with a PNG",
+                       description="Reads each run's probes.json (lowres-kd probe RUN first) and writes "
+                                   "compare.md, compare.png and compare.json: what each run was (mode, steps, "
+                                   "seed, data), one table per probe metric with a column per run, and every "
+                                   "run's student, student@init and scratch against its base teacher's score. "
+                                   "For ablations: train the same recipe with --set student.mode=adapter|full|"
+                                   "scratch, probe each, compare them.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, each scored by lowres-kd probe")
+    p.add_argument("--out", required=True, help="folder for compare.md / compare.png / compare.json")
+    p.add_argument("--labels", default=None, help="comma-separated column names, one per run (default: folder names)")
 
     p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
     _add_recipe_args(p)
@@ -82,119 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered teachers, normalisers, distances and probes")
     p.add_argument("--pattern", default="*", help="glob to filter names")
+    for p in sub.choices.values():
+        _add_debug(p)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .cache import StaleCacheError
-    from .training.trainer import ResumeMismatch
-    from .config import RecipeError, load_recipe
+    from . import commands  # after parsing: --help and usage errors load no torch (start-up time)
 
-    try:
-        if args.command == "train":
-            return _train(args, load_recipe(args.recipe, args.overrides))
-        if args.command == "probe":
-            from .probes import run_probes
-
-            probes = args.probes.split(",") if args.probes else None
-            result = run_probes(args.run, probes, device=args.device, progress=not args.no_progress)
-            print((Path(args.run) / "report.md").read_text())
-            return 0 if result["rows"] else 1
-        if args.command == "cache":
-            from .cache import build_cache
-
-            recipe = load_recipe(args.recipe, args.overrides)
-            report = build_cache(recipe, progress=not args.no_progress)
-            print(f"cache {recipe.cache_dir}: {report['images']} images x {report['views']} views, "
-                  f"{report['bytes'] / 2**20:.1f} MiB ({report['ratio']:.3f} of fp32), storage error "
-                  f"{report['relative_error']:.2e} relative, {report['max_abs_error']:.2e} max")
-            return 0
-        if args.command == "export":
-            from .export import export_backbone
-
-            print(f"wrote {export_backbone(args.run, args.out)}")
-            return 0
-        if args.command == "validate":
-            import yaml
-
-            print(yaml.safe_dump(load_recipe(args.recipe, args.overrides).to_dict(), sort_keys=False))
-            return 0
-        if args.command == "list":
-            return _list(args.pattern)
-        if args.command == "plan":
-            return _plan(args, load_recipe(args.recipe, args.overrides))
-    except (RecipeError, FileNotFoundError, FileExistsError, StaleCacheError, ResumeMismatch, NotImplementedError) as exc:
-        print(f"lowres-kd: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # the run stopped: non-finite losses, out of memory, a busy run directory
-        from .lowmem import FidelityError
-        from .training.lock import RunDirectoryInUse
-        from .training.trainer import NonFiniteLossError, TrainingOutOfMemory
-
-        if not isinstance(exc, (NonFiniteLossError, TrainingOutOfMemory, RunDirectoryInUse, FidelityError)):
-            raise
-        print(f"lowres-kd: stopped: {exc}", file=sys.stderr)
-        return 3
-    return 1
-
-
-def _train(args, recipe) -> int:
-    from .training.trainer import Trainer
-
-    trainer = Trainer(recipe, resume=args.resume, progress=not args.no_progress).setup()
-    last = trainer.train()
-    print(f"trained {recipe.name}: {trainer.step} steps, final loss {last.get('loss', float('nan')):.4f}; "
-          f"model in {recipe.run_dir / 'model'}")
-    if args.probe:
-        from .probes import run_probes
-
-        run_probes(recipe.run_dir, device=recipe.train.device, progress=not args.no_progress)
-        print((recipe.run_dir / "report.md").read_text())
-    return 0
-
-
-def _plan(args, recipe) -> int:
-    import json
-
-    import torch
-
-    from .config import RecipeError
-    from .planner import PlanError, plan_recipe
-    from .training.trainer import memory_budget
-    from .units import parse_bytes
-
-    if args.gpu_mem:
-        try:
-            budget = parse_bytes(args.gpu_mem)
-        except ValueError as exc:
-            raise RecipeError(f"--gpu-mem: {exc}") from None
-    elif args.device == "cuda" and not recipe.plan.gpu_mem and not torch.cuda.is_available():
-        raise RecipeError("no GPU here to read its memory from: give --gpu-mem (e.g. --gpu-mem 12GiB) or set plan.gpu_mem")
-    else:  # plan.gpu_mem, else the device's memory, as training with memory: auto reads it
-        budget = memory_budget(recipe, torch.device(args.device))
-    if args.world_size < 1:
-        raise RecipeError(f"--world-size: expected an integer >= 1, got {args.world_size}")
-    try:
-        plan = plan_recipe(recipe, budget, world_size=args.world_size, device_type=args.device, tflops=args.gpu_tflops)
-    except PlanError as exc:
-        print(f"lowres-kd: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())
-    if not plan.fits:
-        print(f"lowres-kd: {plan.error}", file=sys.stderr)
-    return 0 if plan.fits else 1
-
-
-def _list(pattern: str) -> int:
-    from .losses import DISTANCES
-    from .normalizers import NORMALIZERS
-    from .probes import PROBES
-    from .teachers import TEACHERS
-
-    for reg in (TEACHERS, NORMALIZERS, DISTANCES, PROBES):
-        print(f"{reg.kind}s: {', '.join(reg.list(pattern))}")
-    return 0
+    return commands.run(args)
 
 
 if __name__ == "__main__":

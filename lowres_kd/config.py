@@ -1,208 +1,64 @@
-"""Recipes: typed dataclasses, the only place defaults live; YAML loading with validation.
+"""Recipes: YAML loading and validation over the schema (``lowres_kd.schema``).
 
 ``load_recipe(path, overrides)`` reads YAML with ``yaml.safe_load``, applies ``--set a.b=value``
 overrides, refuses unknown keys, wrong types and impossible values, and reports every problem at
-once, each naming its key and what is allowed.
+once, each naming its key and what is allowed. The allowed values of a key come from the schema's
+field metadata or from the registry it names, never from a list kept here.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from .data import PROBE_SETS, FolderSource, is_shard_pattern, shard_paths
+from .losses import DISTANCES
+from .normalizers import NORMALIZERS
+from .probes import PROBES
+from .errors import UserError
+from .registry import Registry
+from .schema import (CacheConfig, DataConfig, DeepSpeedConfig, LossConfig, OptimConfig, PlanConfig, ProbeConfig, Recipe,
+                     SpaceConfig, StudentConfig, TeacherConfig, TrainConfig)
+from .teachers import TEACHERS, can_be_student, graph_problems, ships_weights
+from .units import parse_bytes
 
-class RecipeError(ValueError):
+__all__ = ["CacheConfig", "DataConfig", "DeepSpeedConfig", "LossConfig", "OptimConfig", "PlanConfig", "ProbeConfig",
+           "Recipe", "RecipeError", "SpaceConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides",
+           "load_recipe", "recipe_from_dict"]
+
+
+class RecipeError(UserError, ValueError):
     """A recipe that cannot run; the message lists every problem, one per line."""
 
 
-@dataclass
-class TeacherConfig:
-    name: str  # unique name in this run, used in logs and outputs
-    family: str  # registered teacher family (lowres-kd teachers lists them)
-    weights: str = "shipped"  # shipped | hub | none | path to .safetensors/.pt
-    model: str = ""  # model name inside the family (timm: e.g. vit_small_patch16_224)
-    input_size: int = 0  # 0: the family's own default
-    layer: Union[int, str] = "last"  # dense feature layer: "last" or a block index
-    weight: Optional[float] = None  # w_t in the total loss; None: 1/T
-    base: bool = False  # the general-purpose teacher the student starts from
-    bits: int = 16  # 16 | 8 (bitsandbytes int8) | 4 (nf4): the teacher's linear layers
-    offload: bool = False  # keep blocks in CPU memory, stream them to the GPU one ahead of use
-    min_fidelity: float = 0.95  # quantized teachers: stop if feature cosine vs full precision is lower
+INT_LIMIT = 2**63  # an integer key must fit in int64 (torch, numpy and the planner's arithmetic)
+_BAD = object()  # a value _convert refused: the key takes its default, so the rest can still be checked
 
 
-@dataclass
-class StudentConfig:
-    mode: str = "adapter"  # adapter (LoRA, base frozen) | full | scratch
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    input_size: int = 0  # 0: the base teacher's input size
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more compute
-    # The backbone: "" takes the base teacher's. In full/scratch mode the student may be a smaller
-    # model of the same family (a ViT-B/14 student for a DINOv2-L base, DESIGN §2.4).
-    family: str = ""
-    model: str = ""
-    weights: str = ""  # shipped | hub | none | path; "": the base teacher's weights
+REGISTRIES: Dict[str, Registry] = {"teacher": TEACHERS, "normalizer": NORMALIZERS, "distance": DISTANCES,
+                                   "probe": PROBES}
 
-
-@dataclass
-class SpaceConfig:
-    normalizer: str = "phi-s"  # standardize | phi-s | identity
-    calibration_images: int = 64  # images seen by the calibration pass
-    head_hidden: int = 512  # hidden width of each student-to-teacher MLP head
-
-
-@dataclass
-class LossConfig:
-    distance: str = "cos_smoothl1"  # cos_smoothl1 | cos | mse
-    alpha: float = 0.5  # weight of (1 - cos) in cos_smoothl1
-    beta: float = 1.0  # smooth-L1 transition point (0: L1)
-    global_weight: float = 1.0  # lambda_g
-    dense_weight: float = 1.0  # lambda_d
-    teacher_drop: float = 0.0  # p of dropping each teacher but the highest-loss one, per step
-    kernels: str = "auto"  # auto | torch | triton: how the head's last linear + loss run
-
-
-@dataclass
-class DataConfig:
-    source: str = "embedded"  # embedded | path to a folder of images (recursive)
-    image_size: int = 160  # crop size fed to the models
-    crop_scale_min: float = 0.35  # random resized crop: smallest area fraction
-    hflip: bool = True
-    fashion_mnist: int = 64  # Fashion-MNIST images added to the embedded set
-    num_workers: int = 0
-
-
-@dataclass
-class CacheConfig:
-    dir: str = ""  # "": <run dir>/cache
-    dtype: str = "fp16"  # fp16 | int8 (per-row scale): storage of the normalised targets
-    epochs: int = 4  # augmented views cached per image; training reuses them every `epochs` epochs
-    shard_images: int = 1024  # images per shard file
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit (bitsandbytes: 8-bit moments, a quarter of AdamW's state)
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0: off
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100  # optimizer steps
-    batch_size: int = 8  # images per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    log_every: int = 1
-    checkpoint_every: int = 50
-    keep_last: int = 2  # newest step checkpoints kept (the final step's included; model/ is apart)
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-
-
-@dataclass
-class DeepSpeedConfig:
-    """Used when the engine is DeepSpeed (``engine: deepspeed``, or ``auto`` on CUDA)."""
-
-    zero_stage: int = 2  # 0 | 1 | 2 | 3: what is partitioned across ranks (optimizer, +grads, +params)
-    offload_optimizer: str = "none"  # none | cpu: optimizer state and update on the CPU (DeepSpeedCPUAdam)
-    offload_param: str = "none"  # none | cpu: parameters in CPU memory between uses (zero_stage 3 only)
-
-
-@dataclass
-class PlanConfig:
-    """The memory planner (``lowres-kd plan``; ``memory: auto`` applies its choice to training)."""
-
-    gpu_mem: str = ""  # budget per GPU, e.g. 12GiB; "": the device's total memory
-    reserve: float = 0.1  # fraction of the budget kept free for the allocator's fragmentation
-
-
-@dataclass
-class ProbeConfig:
-    probes: List[str] = field(default_factory=lambda: ["linear", "edges", "fidelity"])
-    labelled: str = "fashion_mnist"  # fashion_mnist | digits
-    train_per_class: int = 20
-    test_per_class: int = 20
-    edge_images: int = 16  # images for the edge probe (half fit, half score)
-    fidelity_images: int = 16
-    image_size: int = 0  # 0: the data image size
-
-
-@dataclass
-class Recipe:
-    name: str
-    teachers: List[TeacherConfig]
-    output_dir: str = "runs/{name}"
-    teachers_from: str = "live"  # live: run the teachers | cache: read `lowres-kd cache` targets, no teacher loaded
-    engine: str = "auto"  # auto (DeepSpeed on CUDA when installed, else torch) | deepspeed | torch
-    memory: str = "manual"  # manual: the recipe's settings | auto: the planner picks batch, bits, offload, checkpointing
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir.format(name=self.name))
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.cache.dir.format(name=self.name)) if self.cache.dir else self.run_dir / "cache"
-
-    @property
-    def base_teacher(self) -> TeacherConfig:
-        return next(t for t in self.teachers if t.base)
-
-    def teacher_weight(self, t: TeacherConfig) -> float:
-        return t.weight if t.weight is not None else 1.0 / len(self.teachers)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
+# Upper bounds: beyond them a value overflows the planner's arithmetic, a tensor's size or the
+# machine, long before it could be meant (each message names its bound).
+MAX_SIZE = 8192  # pixels per side: data.image_size, input sizes (the image loader's 8192 x 8192 limit)
+MAX_BATCH = 65536  # train.batch_size, train.grad_accum
+MAX_STEPS = 10**9  # train.steps and the other step counts
+MAX_IMAGES = 10**7  # calibration, probe and shard image counts
+MAX_WIDTH = 65536  # head_hidden, lora_rank
+MAX_LAYER = 4096  # a teacher's block index
+MAX_EPOCHS = 10**4  # cache.epochs
+MAX_WORKERS = 1024  # data.num_workers
+MAX_FASHION_MNIST = 60000  # Fashion-MNIST's training set
+MAX_WEIGHT = 1e6  # learning rate, weights, beta, alpha, clipping: sums and products stay finite
+MAX_BYTES = 2**60  # plan.gpu_mem
 
 RESERVED_NAMES = ("step", "lr", "loss", "dropped", "grad_norm", "images_per_s", "peak_mem_gib", "bad_images",
                   "skipped_steps")  # log.csv columns: a teacher's terms must not overwrite them
-
-CHOICES = {
-    "student.mode": ("adapter", "full", "scratch"),
-    "loss.kernels": ("auto", "torch", "triton"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "teachers_from": ("live", "cache"),
-    "cache.dtype": ("fp16", "int8"),
-    "engine": ("auto", "deepspeed", "torch"),
-    "memory": ("manual", "auto"),
-    "optim.name": ("adamw", "adamw8bit"),
-    "deepspeed.offload_optimizer": ("none", "cpu"),
-    "deepspeed.offload_param": ("none", "cpu"),
-}
-
-
-def _registry_choices() -> Dict[str, List[str]]:
-    from .losses import DISTANCES
-    from .normalizers import NORMALIZERS
-    from .probes import PROBES
-    from .teachers import TEACHERS
-
-    return {"teacher.family": TEACHERS.list(), "space.normalizer": NORMALIZERS.list(),
-            "loss.distance": DISTANCES.list(), "probe.probes": PROBES.list()}
-
 
 # ----------------------------------------------------------------------------- parsing
 def _type_name(tp) -> str:
@@ -210,12 +66,13 @@ def _type_name(tp) -> str:
 
 
 def _convert(value, tp, key: str, errors: List[str]):
-    """Check ``value`` against the annotation ``tp``; return the converted value."""
+    """Check ``value`` against the annotation ``tp``; the converted value, or ``_BAD`` (reported)."""
     origin = typing.get_origin(tp)
     if origin is Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        subs: List[str] = []
         for a in args:
             if a is type(None):
                 continue
@@ -223,27 +80,60 @@ def _convert(value, tp, key: str, errors: List[str]):
             out = _convert(value, a, key, sub)
             if not sub:
                 return out
-        errors.append(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-        return value
+            subs += sub
+        right_type = [e for e in subs if "expected a finite" in e or "below 2**63" in e]  # the type fits, the value not
+        errors.append(right_type[0] if right_type else
+                      f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return _BAD
+    if origin in (dict, Dict):
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {value!r}")
+            return _BAD
+        out = {_convert(k, key_type, f"{key} (a key)", errors): _convert(v, value_type, f"{key}.{k}", errors)
+               for k, v in value.items()}
+        return _BAD if any(k is _BAD or v is _BAD for k, v in out.items()) else out
     if origin in (list, List):
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
             errors.append(f"{key}: expected a list, got {value!r}")
-            return value
-        return [_convert(v, inner, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+            return _BAD
+        items = [_convert(v, inner, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+        return _BAD if any(v is _BAD for v in items) else items
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, errors)
+        out = _build(tp, value, key, errors)
+        return _BAD if out is None else out
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= INT_LIMIT:
+            errors.append(f"{key}: {value!r} is not allowed; a number below 2**63 in size")
+            return _BAD
         return float(value)
     if tp is bool and not isinstance(value, bool) or tp in (int, float) and isinstance(value, bool):
         errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return value
+        return _BAD
     if not isinstance(value, tp):
         errors.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return _BAD
+    if tp is float and not math.isfinite(value):
+        errors.append(f"{key}: expected a finite number, got {value!r}")
+        return _BAD
+    if tp is int and abs(value) >= INT_LIMIT:
+        errors.append(f"{key}: {value!r} is not allowed; an integer below 2**63 in size")
+        return _BAD
     return value
 
 
+def _placeholder(tp):
+    """A stand-in for a required key that is missing or refused (already reported): "", 0 or []."""
+    origin = typing.get_origin(tp)
+    if origin in (list, List):
+        return []
+    return tp() if tp in (str, int, float) else None
+
+
 def _build(cls, data, prefix: str, errors: List[str]):
+    """``cls`` from ``data``; a refused key is reported and takes its default (a required one a
+    placeholder), so that the values of the others can still be checked in the same report."""
     if not isinstance(data, dict):
         errors.append(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
         return None
@@ -252,93 +142,160 @@ def _build(cls, data, prefix: str, errors: List[str]):
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+        if not isinstance(key, str) or key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"{full}: unknown key{hint}; allowed: {', '.join(fields)}")
             continue
-        kwargs[key] = _convert(value, hints[key], full, errors)
-    missing = [k for k, f in fields.items() if k not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for k in missing:
-        errors.append(f"{prefix + '.' if prefix else ''}{k}: required key is missing")
-    if missing:
+        out = _convert(value, hints[key], full, errors)
+        if out is not _BAD:
+            kwargs[key] = out
+        elif fields[key].default is dataclasses.MISSING and fields[key].default_factory is dataclasses.MISSING:
+            kwargs[key] = _placeholder(hints[key])
+    for k, f in fields.items():
+        if k not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{prefix + '.' if prefix else ''}{k}: required key is missing")
+            kwargs[k] = _placeholder(hints[k])
+    if any(v is None and typing.get_origin(hints[k]) is not Union for k, v in kwargs.items()):
         return None
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except TypeError as exc:  # pragma: no cover - every field is known and typed above
         errors.append(f"{prefix or 'recipe'}: {exc}")
         return None
 
 
-def _student_families() -> List[str]:
-    from .teachers import TEACHERS, can_be_student
+def _graph_problems(t: TeacherConfig) -> Optional[List[str]]:
+    """A graph teacher's own problems (None for torch families and unknown ones)."""
+    return graph_problems(t) if t.family in TEACHERS else None
 
+
+def _student_families() -> List[str]:
     return [f for f in TEACHERS.list() if can_be_student(f)]
 
 
-def _check_values(r: Recipe, errors: List[str]) -> None:
+def _allowed(f: dataclasses.Field) -> Optional[List[str]]:
+    """The values a schema field allows: its ``one_of`` choices or its registry's names."""
+    if "choices" in f.metadata:
+        return list(f.metadata["choices"])
+    if "registry" in f.metadata:
+        return REGISTRIES[f.metadata["registry"]].list()
+    return None
+
+
+def _check_choices(node, prefix: str, errors: List[str]) -> None:
+    """Every key of ``node`` (a schema dataclass, recursively) that allows a fixed set of values."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name
+        allowed = _allowed(f)
+        if allowed is not None:
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, v in items:
+                if v not in allowed:
+                    errors.append(f"{key if i is None else f'{key}[{i}]'}: {v!r} is not allowed; one of {', '.join(allowed)}")
+        elif dataclasses.is_dataclass(value):
+            _check_choices(value, key, errors)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_choices(item, f"{key}[{i}]", errors)
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return False
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _needs(errors: List[str]):
+    """``need(ok, key, allowed, value)``: appends the line for ``key`` to ``errors`` unless ok."""
     def need(ok: bool, key: str, allowed: str, value):
         if not ok:
             errors.append(f"{key}: {value!r} is not allowed; {allowed}")
 
+    return need
+
+
+def _check_values(r: Recipe, errors: List[str]) -> None:
+    need = _needs(errors)
+
     def need_shipped(key: str, family: str, weights: str):
         """``shipped`` only for a family whose weights ship inside a package."""
-        if weights == "shipped" and family in choices["teacher.family"]:
-            from .teachers import ships_weights
-
+        if weights == "shipped" and family in TEACHERS:
             need(ships_weights(family), key, f"hub, none or a file for the {family} family (no weights ship with it)",
                  weights)
 
-    choices = {**CHOICES, **_registry_choices()}
-    for key in ("student.mode", "loss.kernels", "train.device", "space.normalizer", "loss.distance", "cache.dtype",
-                "teachers_from", "engine", "memory", "optim.name", "deepspeed.offload_optimizer",
-                "deepspeed.offload_param"):
-        value = r
-        for attr in key.split("."):
-            value = getattr(value, attr)
-        need(value in choices[key], key, f"one of {', '.join(choices[key])}", value)
-    for i, p in enumerate(r.probe.probes):
-        need(p in choices["probe.probes"], f"probe.probes[{i}]", f"one of {', '.join(choices['probe.probes'])}", p)
+    _check_choices(r, "", errors)
 
     need(bool(r.name.strip()), "name", "a non-empty run name", r.name)
-    need(r.cache.epochs >= 1, "cache.epochs", "an integer >= 1", r.cache.epochs)
-    need(r.cache.shard_images >= 1, "cache.shard_images", "an integer >= 1", r.cache.shard_images)
+    need(1 <= r.cache.epochs <= MAX_EPOCHS, "cache.epochs", f"an integer >= 1 and <= {MAX_EPOCHS}", r.cache.epochs)
+    need(1 <= r.cache.shard_images <= MAX_IMAGES, "cache.shard_images", f"an integer >= 1 and <= {MAX_IMAGES}",
+         r.cache.shard_images)
     need(bool(r.output_dir.strip()), "output_dir", "a non-empty path (may contain {name})", r.output_dir)
+    try:
+        r.output_dir.format(name=r.name)
+    except (KeyError, IndexError, ValueError):
+        errors.append(f"output_dir: {r.output_dir!r} is not allowed; a path whose only field is {{name}}")
     need(len(r.teachers) >= 1, "teachers", "at least one teacher", r.teachers)
     names = [t.name for t in r.teachers]
     for i, t in enumerate(r.teachers):
         k = f"teachers[{i}]"
-        need(t.family in choices["teacher.family"], f"{k}.family", f"one of {', '.join(choices['teacher.family'])}", t.family)
         need(names.count(t.name) == 1, f"{k}.name", "names must be unique", t.name)
         need(t.name.isidentifier(), f"{k}.name", "letters, digits and _ (a Python identifier)", t.name)
         need(t.name not in RESERVED_NAMES, f"{k}.name", f"a name other than the log columns {', '.join(RESERVED_NAMES)}", t.name)
-        need(t.input_size >= 0, f"{k}.input_size", "0 (family default) or a positive size", t.input_size)
-        need(t.weight is None or t.weight >= 0, f"{k}.weight", "a weight >= 0 or null (1/T)", t.weight)
-        need(t.layer == "last" or isinstance(t.layer, int) and t.layer >= 0, f"{k}.layer", "'last' or a block index >= 0",
-             t.layer)
-        need_shipped(f"{k}.weights", t.family, t.weights)
+        need(0 <= t.input_size <= MAX_SIZE, f"{k}.input_size", f"0 (family default) or a positive size <= {MAX_SIZE}",
+             t.input_size)
+        need(0 <= t.dense_grid <= MAX_SIZE, f"{k}.dense_grid", f"0 (the map as given) or a grid size in [1, {MAX_SIZE}]",
+             t.dense_grid)
+        need(t.weight is None or 0 <= t.weight <= MAX_WEIGHT, f"{k}.weight", f"a weight in [0, {MAX_WEIGHT:g}] or null (1/T)",
+             t.weight)
+        need(t.layer == "last" or isinstance(t.layer, int) and 0 <= t.layer <= MAX_LAYER, f"{k}.layer",
+             f"'last' or a block index in [0, {MAX_LAYER}]", t.layer)
+        graph = _graph_problems(t)
+        if graph is None:
+            need_shipped(f"{k}.weights", t.family, t.weights)
+            for key in ("outputs", "mean", "std"):
+                need(not getattr(t, key), f"{k}.{key}", "empty: only graph teachers (family onnx) read it",
+                     getattr(t, key))
+        else:  # the family checks its own weights, outputs, mean and std
+            errors.extend(f"{k}.{p}" for p in graph)
+            need(t.bits == 16, f"{k}.bits", f"16: the {t.family} family runs its graph in onnxruntime, there are no "
+                 "torch linears for bitsandbytes to quantize", t.bits)
+            need(not t.offload, f"{k}.offload", f"false: the {t.family} family runs its graph in onnxruntime, there are "
+                 "no torch blocks to stream", t.offload)
         need(t.bits in (16, 8, 4), f"{k}.bits", "16, 8 or 4", t.bits)
         need(0 <= t.min_fidelity <= 1, f"{k}.min_fidelity", "a cosine in [0, 1]", t.min_fidelity)
-        if t.base and t.family in choices["teacher.family"]:
+        if t.base and t.family in TEACHERS:
             bases = _student_families()
             need(t.family in bases, f"{k}.family", f"a family that can be the student's base: {', '.join(bases)}",
                  t.family)
-        if t.base and r.student.mode == "adapter":
+        if r.inside_student(t):
             need(t.bits == 16, f"{k}.bits", "16 for the base teacher in adapter mode (it is the student's own "
                  "frozen backbone; quantizing it is not supported yet)", t.bits)
             need(not t.offload, f"{k}.offload", "false for the base teacher in adapter mode (it is the student)", t.offload)
         w = t.weights
-        if w not in ("shipped", "hub", "none") and not Path(w).is_file():
+        if graph is None and w not in ("shipped", "hub", "none") and not _is_file(w):
             errors.append(f"{k}.weights: file not found: {w} (or use shipped | hub | none)")
     n_base = sum(t.base for t in r.teachers)
     need(n_base == 1, "teachers[*].base", "exactly one teacher must have base: true", n_base)
+    if r.teachers_from == "cache":
+        need(bool(r.cached_teachers), "teachers[*].cache", "at least one teacher with cache: true when "
+             "teachers_from is cache (or set teachers_from: live)", [t.cache for t in r.teachers])
 
     s = r.student
-    need(s.lora_rank >= 1, "student.lora_rank", "an integer >= 1", s.lora_rank)
-    need(s.lora_alpha > 0, "student.lora_alpha", "> 0", s.lora_alpha)
+    need(1 <= s.lora_rank <= MAX_WIDTH, "student.lora_rank", f"an integer >= 1 and <= {MAX_WIDTH}", s.lora_rank)
+    need(0 < s.lora_alpha <= MAX_WEIGHT, "student.lora_alpha", f"> 0 and <= {MAX_WEIGHT:g}", s.lora_alpha)
     need(0 <= s.lora_dropout < 1, "student.lora_dropout", "in [0, 1)", s.lora_dropout)
-    need(s.input_size >= 0, "student.input_size", "0 (base input size) or a positive size", s.input_size)
+    need(0 <= s.input_size <= MAX_SIZE, "student.input_size", f"0 (base input size) or a positive size <= {MAX_SIZE}",
+         s.input_size)
     if s.mode == "adapter":  # the adapter-disabled student *is* the base teacher
         for key in ("family", "model", "weights"):
             need(getattr(s, key) == "", f"student.{key}", "'' in adapter mode (the student is the base teacher "
@@ -347,7 +304,7 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
         bases = _student_families()
         need(s.family in bases, "student.family", f"'' or a family that can be the student: {', '.join(bases)}", s.family)
     need_shipped("student.weights", s.family or next((t.family for t in r.teachers if t.base), ""), s.weights)
-    if s.weights not in ("", "shipped", "hub", "none") and not Path(s.weights).is_file():
+    if s.weights not in ("", "shipped", "hub", "none") and not _is_file(s.weights):
         errors.append(f"student.weights: file not found: {s.weights} (or use '' | shipped | hub | none)")
     ds = r.deepspeed
     need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3", ds.zero_stage)
@@ -357,67 +314,134 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
          "none at deepspeed.zero_stage 0 (offloading needs ZeRO 1-3)", ds.offload_optimizer)
     need(0 <= r.plan.reserve < 1, "plan.reserve", "a fraction in [0, 1)", r.plan.reserve)
     if r.plan.gpu_mem:
-        from .units import parse_bytes
-
         try:
-            parse_bytes(r.plan.gpu_mem)
-        except ValueError as exc:
+            if not 0 < parse_bytes(r.plan.gpu_mem) <= MAX_BYTES:
+                raise ValueError(f"between 1 byte and 2**60 bytes (1 EiB)")
+        except (ValueError, OverflowError) as exc:
             errors.append(f"plan.gpu_mem: {r.plan.gpu_mem!r} is not allowed; a size such as 12GiB, 8GB or 512MiB, "
                           f"or '' for the device's memory ({exc})")
-    need(r.space.calibration_images >= 2, "space.calibration_images", "at least 2", r.space.calibration_images)
-    need(r.space.head_hidden >= 1, "space.head_hidden", "an integer >= 1", r.space.head_hidden)
+    need(2 <= r.space.calibration_images <= MAX_IMAGES, "space.calibration_images", f"at least 2 and at most {MAX_IMAGES}",
+         r.space.calibration_images)
+    need(1 <= r.space.head_hidden <= MAX_WIDTH, "space.head_hidden", f"an integer >= 1 and <= {MAX_WIDTH}",
+         r.space.head_hidden)
     lo = r.loss
     need(0 <= lo.alpha <= 1, "loss.alpha", "in [0, 1]", lo.alpha)
-    need(lo.beta >= 0, "loss.beta", ">= 0", lo.beta)
-    need(lo.global_weight >= 0, "loss.global_weight", ">= 0", lo.global_weight)
-    need(lo.dense_weight >= 0, "loss.dense_weight", ">= 0", lo.dense_weight)
+    for key in ("beta", "global_weight", "dense_weight"):
+        need(0 <= getattr(lo, key) <= MAX_WEIGHT, f"loss.{key}", f">= 0 and <= {MAX_WEIGHT:g}", getattr(lo, key))
     need(lo.global_weight + lo.dense_weight > 0, "loss.global_weight + loss.dense_weight", "> 0", lo.global_weight + lo.dense_weight)
     need(0 <= lo.teacher_drop < 1, "loss.teacher_drop", "in [0, 1)", lo.teacher_drop)
     d = r.data
-    need(d.source == "embedded" or Path(d.source).is_dir(), "data.source", "'embedded' or an existing folder", d.source)
-    need(d.image_size >= 32, "data.image_size", "at least 32", d.image_size)
+    try:
+        if is_shard_pattern(d.source):
+            shard_paths(d.source)  # that each shard exists: listing their members would read them all
+        elif d.source != "embedded" and _is_dir(d.source):
+            FolderSource(d.source)  # that it holds an image file (a scan, nothing decoded)
+        else:
+            need(d.source == "embedded", "data.source", "'embedded', an existing folder, or tar shards that all "
+                 "exist (a .tar file or a pattern such as /data/train-{000000..000099}.tar)", d.source)
+    except UserError as exc:
+        errors.append(f"data.source: {exc}")
+    need(32 <= d.image_size <= MAX_SIZE, "data.image_size", f"at least 32 and at most {MAX_SIZE}", d.image_size)
     need(0 < d.crop_scale_min <= 1, "data.crop_scale_min", "in (0, 1]", d.crop_scale_min)
-    need(d.fashion_mnist >= 0, "data.fashion_mnist", ">= 0", d.fashion_mnist)
-    need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    need(0 <= d.fashion_mnist <= MAX_FASHION_MNIST, "data.fashion_mnist",
+         f">= 0 and <= {MAX_FASHION_MNIST} (the training set's size)", d.fashion_mnist)
+    need(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", f">= 0 and <= {MAX_WORKERS}", d.num_workers)
     o = r.optim
-    need(o.lr > 0, "optim.lr", "> 0", o.lr)
-    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    need(0 < o.lr <= MAX_WEIGHT, "optim.lr", f"> 0 and <= {MAX_WEIGHT:g}", o.lr)
+    need(0 <= o.weight_decay <= MAX_WEIGHT, "optim.weight_decay", f">= 0 and <= {MAX_WEIGHT:g}", o.weight_decay)
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
-    need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
+    need(0 <= o.warmup_steps <= MAX_STEPS, "optim.warmup_steps", f">= 0 and <= {MAX_STEPS}", o.warmup_steps)
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
-    need(o.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)", o.grad_clip)
+    need(0 <= o.grad_clip <= MAX_WEIGHT, "optim.grad_clip", f">= 0 (0: off) and <= {MAX_WEIGHT:g}", o.grad_clip)
     t = r.train
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
-        need(getattr(t, key) >= 1, f"train.{key}", "an integer >= 1", getattr(t, key))
-    need(t.keep_last >= 1, "train.keep_last", "an integer >= 1", t.keep_last)
+    for key in ("steps", "log_every", "checkpoint_every", "max_bad_steps", "keep_last"):
+        need(1 <= getattr(t, key) <= MAX_STEPS, f"train.{key}", f"an integer >= 1 and <= {MAX_STEPS}", getattr(t, key))
+    for key in ("batch_size", "grad_accum"):
+        need(1 <= getattr(t, key) <= MAX_BATCH, f"train.{key}", f"an integer >= 1 and <= {MAX_BATCH}", getattr(t, key))
     need(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
-    p = r.probe
-    need(p.labelled in ("fashion_mnist", "digits"), "probe.labelled", "fashion_mnist | digits", p.labelled)
+    need("csv" in t.log, "train.log", "a list that includes csv (reports and resume read log.csv); "
+         "tensorboard goes beside it", t.log)
+    _check_probe(r.probe, errors)
+
+
+def _check_probe(p: ProbeConfig, errors: List[str]) -> None:
+    """The probe section's values (also checked alone: ``lowres-kd probe --set probe.KEY=...``)."""
+    need = _needs(errors)
     for key in ("train_per_class", "test_per_class", "fidelity_images"):
-        need(getattr(p, key) >= 2, f"probe.{key}", "an integer >= 2", getattr(p, key))
-    need(p.edge_images >= 4, "probe.edge_images", "an integer >= 4 (half fit, half scored, 2-fold CV)", p.edge_images)
-    need(p.image_size >= 0, "probe.image_size", "0 (data.image_size) or a size", p.image_size)
+        need(2 <= getattr(p, key) <= MAX_IMAGES, f"probe.{key}", f"an integer >= 2 and <= {MAX_IMAGES}", getattr(p, key))
+    for key in ("knn_k", "segmentation_train", "segmentation_test"):
+        need(1 <= getattr(p, key) <= MAX_IMAGES, f"probe.{key}", f"an integer >= 1 and <= {MAX_IMAGES}", getattr(p, key))
+    need(1 <= p.segmentation_steps <= MAX_STEPS, "probe.segmentation_steps", f"an integer >= 1 and <= {MAX_STEPS}",
+         p.segmentation_steps)
+    need(0 < p.knn_temperature <= MAX_WEIGHT, "probe.knn_temperature", f"> 0 and <= {MAX_WEIGHT:g}", p.knn_temperature)
+    need(0 < p.val_fraction < 1, "probe.val_fraction", "in (0, 1)", p.val_fraction)
+    need(len(p.data) > 0 and len(set(p.data)) == len(p.data), "probe.data",
+         "a non-empty list of distinct labelled sets", p.data)
+    for i, spec in enumerate(p.data):
+        need(spec in PROBE_SETS or _is_dir(spec), f"probe.data[{i}]",
+             f"one of {', '.join(PROBE_SETS)} or an existing folder", spec)
+    need(p.images in ("", "embedded") or _is_dir(p.images), "probe.images",
+         "'' (the defaults), 'embedded' or an existing folder", p.images)
+    need(4 <= p.edge_images <= MAX_IMAGES, "probe.edge_images",
+         f"an integer >= 4 (half fit, half scored, 2-fold CV) and <= {MAX_IMAGES}", p.edge_images)
+    need(0 <= p.image_size <= MAX_SIZE, "probe.image_size", f"0 (data.image_size) or a size <= {MAX_SIZE}", p.image_size)
 
 
-def dict_differences(found, expected, prefix: str = "", names=("cache", "recipe")) -> List[str]:
-    """Every leaf where two nested dicts differ, as 'a.b: <found> has X, <expected> has Y' lines."""
-    out = []
-    if isinstance(found, dict) and isinstance(expected, dict):
-        for key in sorted(set(found) | set(expected)):
-            where = f"{prefix}.{key}" if prefix else key
-            if key not in found:
-                out.append(f"{where}: missing in the {names[0]} ({names[1]}: {expected[key]!r})")
-            elif key not in expected:
-                out.append(f"{where}: in the {names[0]} but not in the {names[1]} ({found[key]!r})")
-            else:
-                out += dict_differences(found[key], expected[key], where, names)
-    elif found != expected:
-        out.append(f"{prefix}: {names[0]} has {found!r}, {names[1]} has {expected!r}")
-    return out
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last
+    one silently: a recipe would run with a value its reader did not see)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader reports unhashable keys itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line {seen[key] + 1}); give each key once",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def safe_load_unique(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (``yaml.YAMLError`` naming the key and lines)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and the line it is on."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
 
 
 def _parse_value(text: str):
-    return yaml.safe_load(text)
+    return safe_load_unique(text)
+
+
+def _index(part: str, node: list, key: str) -> int:
+    """A list index from ``--set``: 0 .. len - 1; negative indices are refused (``-1`` would edit
+    the last teacher without saying so)."""
+    try:
+        i = int(part)
+    except ValueError:
+        raise RecipeError(f"--set {key}: {part!r} is not a list index; lists are indexed from 0") from None
+    if i < 0:
+        raise RecipeError(f"--set {key}: negative list index {part} refused (it would pick an item counted from the "
+                          f"end without saying which); lists are indexed from 0 to {len(node) - 1}")
+    if not i < len(node):
+        raise RecipeError(f"--set {key}: no such list item {part} (the list has {len(node)}); "
+                          f"lists are indexed from 0 to {len(node) - 1}")
+    return i
 
 
 def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
@@ -427,32 +451,56 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
             raise RecipeError(f"--set {item!r}: expected key=value")
         key, text = item.split("=", 1)
         parts = key.split(".")
-        node = data
+        if not all(parts):
+            raise RecipeError(f"--set {key}: an empty key part; write e.g. train.steps=20")
         try:
-            for i, part in enumerate(parts[:-1]):
-                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-                if not isinstance(node, (dict, list)):
-                    raise RecipeError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-            last = parts[-1]
-            if isinstance(node, list):
-                node[int(last)] = _parse_value(text)
-            else:
-                node[last] = _parse_value(text)
-        except (IndexError, ValueError) as exc:
-            raise RecipeError(f"--set {key}: no such list item ({exc}); lists are indexed from 0") from None
+            value = _parse_value(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {key}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            node = node[_index(part, node, key)] if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(last, node, key)] = value
+        else:
+            node[last] = value
     return data
+
+
+def _under(key: str, reported: List[str]) -> bool:
+    return any(key == r or key.startswith((r + ".", r + "[")) for r in reported)
 
 
 def recipe_from_dict(data: Dict[str, Any], source: str = "recipe", check_values: bool = True) -> Recipe:
     """Build a Recipe; ``check_values=False`` only checks keys and types (to rebuild a saved run
-    whose weight files or data folder may since have moved)."""
+    whose weight files or data folder may since have moved). Unknown keys, wrong types and
+    impossible values come in one report; a value check on a key already refused is left out."""
     errors: List[str] = []
+    probe = data.get("probe") if isinstance(data, dict) else None
+    if not check_values and isinstance(probe, dict) and "labelled" in probe:
+        # a run saved before probe.data listed the labelled sets
+        data = {**data, "probe": {**{k: v for k, v in probe.items() if k != "labelled"},
+                                  "data": [probe["labelled"], "pasted"]}}
     recipe = _build(Recipe, data, "", errors)
-    if recipe is not None and not errors and check_values:
-        _check_values(recipe, errors)
+    if recipe is not None and check_values:
+        reported = [e.split(":", 1)[0] for e in errors]
+        values: List[str] = []
+        _check_values(recipe, values)
+        errors += [e for e in values if not _under(e.split(":", 1)[0], reported)]
     if errors:
         raise RecipeError(f"{source} has {len(errors)} problem(s):\n  " + "\n  ".join(errors))
     return recipe
+
+
+def probe_problems(probe: ProbeConfig) -> List[str]:
+    """The refused choices and impossible values of a probe section, one line each."""
+    errors: List[str] = []
+    _check_choices(probe, "probe", errors)
+    _check_probe(probe, errors)
+    return errors
 
 
 def load_recipe(path: str | Path, overrides: Optional[List[str]] = None) -> Recipe:
@@ -460,9 +508,12 @@ def load_recipe(path: str | Path, overrides: Optional[List[str]] = None) -> Reci
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text())
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML (only plain YAML, no Python tags): {exc}") from exc
+        raise RecipeError(f"{path}: not valid YAML (only plain YAML, no Python tags, each key once): "
+                          f"{_yaml_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot be read as a text file ({exc})") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level")
     return recipe_from_dict(apply_overrides(data, overrides or []), str(path))

@@ -1,7 +1,7 @@
 """Student-to-teacher heads h_s2t (DESIGN §2.2).
 
 Each head is LayerNorm -> Linear(D, hidden) -> GELU -> Linear(hidden, C_t). The last linear is
-kept apart (``out``) so training can fuse it with the loss (``lowres_kd.kernels``); ``trunk``
+kept apart (``out``) so training can fuse it with the loss (``lowres_kd_kernels``); ``trunk``
 gives its input. Heads rebuild from a state dict alone: sizes come from the weight shapes.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import StudentConfig
+from .schema import StudentConfig
 from .heads import TeacherHeads
 from .normalizers import build_normalizer
 from .teachers import Features, Teacher, TeacherSpec
@@ -27,7 +27,7 @@ class Student(nn.Module):
         self.input_size = cfg.input_size or backbone.spec.input_size
         backbone.set_grad_checkpointing(cfg.grad_checkpointing)
         if self.mode == "adapter":
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, get_peft_model  # pulls in transformers (seconds): adapter mode only
 
             backbone.requires_grad_(False)
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

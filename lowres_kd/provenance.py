@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -33,9 +35,7 @@ def _version(module: str):
 
 def environment(device, repo: Path, modules=("triton", "bitsandbytes", "timm", "deepspeed")) -> dict:
     """Device, its name, library versions and the git sha: the header of every benchmark result."""
-    import platform
-
-    import torch
+    import torch  # here, not at the top: the GPU summary reads results without loading torch
 
     names = {"cuda": lambda: torch.cuda.get_device_name(device), "meta": lambda: "meta device, allocations counted"}
     name = names.get(device.type, lambda: platform.processor() or platform.machine() or "cpu")()
@@ -47,8 +47,6 @@ def environment(device, repo: Path, modules=("triton", "bitsandbytes", "timm", "
 
 def device_slug(env: dict) -> str:
     """The GPU's name as a file-name part (``nvidia-h200``); ``cpu`` or ``meta`` for those devices."""
-    import re
-
     if env["device"] != "cuda":
         return env["device"]
     return re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or "cuda"

@@ -20,6 +20,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import UserError
 from .sources import BadImage, ImageSource
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "collate_indexed",
     "start_epoch",
     "BadImageReport",
+    "NotEnoughImages",
+    "readable_images",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -127,6 +130,40 @@ def collate_images(batch: Sequence, size: Optional[int] = None
         return torch.stack(good, 0), skipped
     s = int(size) if size else 0
     return torch.empty((0, 3, s, s), dtype=torch.float32), skipped
+
+
+class NotEnoughImages(UserError, ValueError):
+    """Fewer readable images than a pass needs; the message says how many of how many."""
+
+
+def readable_images(dataset: Dataset, want: int, need: int, batch_size: int, skipped: List[Tuple[str, str]],
+                    what: str = "images") -> Iterator[torch.Tensor]:
+    """Batches (never empty) of the first ``want`` readable items of ``dataset`` in index order;
+    unreadable ones are passed over and appended to ``skipped`` as ``(name, reason)``. Raises
+    :class:`NotEnoughImages` when the dataset ends with fewer than ``need`` readable, saying how
+    many of how many were."""
+    good: List[torch.Tensor] = []
+    seen = done = 0
+    for i in range(len(dataset)):
+        if done + len(good) >= want:
+            break
+        item = dataset[i]
+        seen += 1
+        if item is None or isinstance(item, Skipped):
+            skipped.append(("<unknown>", "unreadable: the dataset returned None") if item is None
+                           else (item.name, item.reason))
+            continue
+        good.append(item)
+        if len(good) == batch_size:
+            done += len(good)
+            yield torch.stack(good, 0)
+            good = []
+    if done + len(good) < need:
+        raise NotEnoughImages(
+            f"{what}: only {done + len(good)} of {seen} images are readable, {need} needed (the unreadable ones "
+            f"are listed in bad_images.log); add readable images or lower the count")
+    if good:
+        yield torch.stack(good, 0)
 
 
 class ResumableSampler(Sampler[int]):

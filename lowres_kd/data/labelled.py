@@ -1,4 +1,5 @@
-"""Small labelled image sets for the frozen-feature probes (linear probe, k-NN).
+"""Small labelled image sets for the frozen-feature probes (linear probe, k-NN), and the
+split types every probe set comes as (``LabelledSplit``, ``SegmentationSplit``).
 
 ``load_labelled("fashion_mnist")`` reads the Debian ``dataset-fashion-mnist`` IDX files: the train
 split comes from the 60k training file, the test split from the separate 10k ``t10k`` file, so the
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from sklearn.datasets import load_digits
 
 __all__ = [
     "LabelledSplit",
+    "SegmentationSplit",
     "load_labelled",
     "LABELLED_SETS",
     "FASHION_MNIST_CLASSES",
@@ -109,8 +112,20 @@ def read_idx_labels(path: str | os.PathLike, count: Optional[int] = None) -> np.
 # --------------------------------------------------------------------------- the split
 
 
-@dataclass
-class LabelledSplit:
+class _SplitSummary:
+    """What both kinds of probe set share: a class count and a one-line repr."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, train {tuple(self.train_images.shape)}, "
+                f"test {tuple(self.test_images.shape)}, {self.num_classes} classes)")
+
+
+@dataclass(repr=False)
+class LabelledSplit(_SplitSummary):
     train_images: np.ndarray  # (N, H, W, 3) uint8
     train_labels: np.ndarray  # (N,) int64
     test_images: np.ndarray
@@ -120,13 +135,22 @@ class LabelledSplit:
     note: str = ""  # e.g. why a fallback was used
     extra: Dict[str, object] = field(default_factory=dict)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    kind = "classification"
 
-    def __repr__(self) -> str:
-        return (f"LabelledSplit({self.name!r}, train {tuple(self.train_images.shape)}, "
-                f"test {tuple(self.test_images.shape)}, {self.num_classes} classes)")
+
+@dataclass(repr=False)
+class SegmentationSplit(_SplitSummary):
+    """Images with per-pixel class masks (255: ignored), split into fitted and scored images."""
+
+    train_images: np.ndarray  # (N, H, W, 3) uint8
+    train_masks: np.ndarray  # (N, H, W) uint8 class indices
+    test_images: np.ndarray
+    test_masks: np.ndarray
+    classes: List[str]
+    name: str
+    note: str = ""
+
+    kind = "segmentation"
 
 
 def _gray_to_rgb(images: np.ndarray) -> np.ndarray:
@@ -180,8 +204,6 @@ def _load_fashion_mnist(folder: Path, n_train: int, n_test: int, seed: int) -> L
 
 
 def _load_digits(n_train: int, n_test: int, seed: int, clip: bool) -> LabelledSplit:
-    from sklearn.datasets import load_digits
-
     bunch = load_digits()
     labels = np.asarray(bunch.target, dtype=np.int64)
     images = np.round(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)

@@ -1,4 +1,5 @@
-"""Image sources: a folder of files, or the real images embedded in installed packages.
+"""Image sources: a folder of files, or the real images embedded in installed packages (tar
+shards: ``shards.py``; which one a ``data.source`` names: ``source_spec.py``).
 
 A source is a small indexable collection of images with three methods:
 
@@ -11,7 +12,8 @@ path and a reason of the form ``"<kind>: <detail>"`` (kinds: ``empty file``, ``n
 ``too large``, ``truncated``, ``missing``, ``decode error``). The training dataset turns that into a
 skipped item (DESIGN.md section 5: skipped, counted, reported, never a crash mid-epoch).
 
-Colour conversion rules of :class:`FolderSource` (all images end up 8-bit RGB):
+Colour conversion rules of :func:`decode_image`, which decodes the files of every source that
+holds files (a folder, tar shards; all images end up 8-bit RGB):
 
 * ``1``, ``L``: grey replicated to three channels.
 * ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` (16-bit grey): ``round(v / 257)``, so 65535 -> 255
@@ -31,22 +33,29 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import BinaryIO, Callable, List, Sequence, Tuple
 
 import numpy as np
+import skimage.data
 from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.datasets import load_sample_images
+
+from ..errors import UserError
+from . import labelled
 
 __all__ = [
     "BadImage",
+    "NoImages",
     "ImageSource",
     "FolderSource",
     "EmbeddedSource",
     "IMAGE_EXTENSIONS",
     "DEFAULT_MAX_PIXELS",
     "SKIMAGE_IMAGES",
-    "build_source",
     "to_rgb",
     "load_image_file",
+    "decode_image",
+    "checked_max_pixels",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -75,6 +84,11 @@ class BadImage(Exception):
 
     def __reduce__(self):  # picklable across DataLoader worker processes
         return (BadImage, (self.path, self.reason))
+
+
+class NoImages(UserError, ValueError):
+    """A folder that holds no image file (after hidden files, links seen twice and other
+    extensions are left out)."""
 
 
 # --------------------------------------------------------------------------- conversion
@@ -126,7 +140,7 @@ def to_rgb(img: Image.Image, background: Tuple[int, int, int] = (255, 255, 255))
     if mode in ("L", "1") and "transparency" in img.info:
         return _composite(img, background)
     # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, ...: Pillow's own conversion; one it cannot do raises
-    # ValueError, which load_image_file reports as a BadImage.
+    # ValueError, which decode_image reports as a BadImage.
     return img.convert("RGB")
 
 
@@ -178,9 +192,11 @@ class FolderSource(ImageSource):
     """Every image file under ``root`` (recursive, sorted by relative path).
 
     Extensions: jpg, jpeg, png, webp, bmp, any case. Hidden files and folders (names starting
-    with ``.``, e.g. macOS ``._x.jpg`` resource forks) are ignored. A missing folder raises
+    with ``.``, e.g. macOS ``._x.jpg`` resource forks) are ignored. Symbolic links are followed
+    once: a folder or file reached a second time by its real path (a link to a parent, a loop, two
+    links to one place) is left out and counted in ``links_skipped``. A missing folder raises
     ``FileNotFoundError``, a path that is not a folder ``NotADirectoryError``, a folder without
-    any image file ``ValueError``; each names the path, and all happen in the constructor.
+    any image file :class:`NoImages`; each names the path, and all happen in the constructor.
 
     ``max_pixels``: images whose header declares more pixels are refused (``BadImage``, kind
     ``too large``) before any pixel is decoded. ``background``: colour under transparent pixels.
@@ -198,29 +214,16 @@ class FolderSource(ImageSource):
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
         if not self.root.is_dir():
             raise NotADirectoryError(f"image folder {str(self.root)!r} is not a folder")
-        if int(max_pixels) <= 0:
-            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-        self.max_pixels = int(max_pixels)
+        self.max_pixels = checked_max_pixels(max_pixels)
         self.background = tuple(int(c) for c in background)
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        files: List[str] = []
-        others = 0
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for fn in filenames:
-                if fn.startswith("."):
-                    continue
-                if os.path.splitext(fn)[1].lower() in exts:
-                    rel = os.path.relpath(os.path.join(dirpath, fn), self.root)
-                    files.append(Path(rel).as_posix())
-                else:
-                    others += 1
+        files, others, self.links_skipped = scan_folder(self.root, exts)
         if not files:
-            raise ValueError(
+            raise NoImages(
                 f"image folder {str(self.root)!r} holds no image file "
-                f"({', '.join(exts)}; {others} other file(s) found)"
+                f"({', '.join(exts)}; {others} other file(s) found); put images in it or point data.source elsewhere"
             )
-        self.files = sorted(files)
+        self.files = files
 
     def __len__(self) -> int:
         return len(self.files)
@@ -239,6 +242,49 @@ class FolderSource(ImageSource):
         return load_image_file(path, max_pixels=self.max_pixels, background=self.background)
 
 
+def scan_folder(root: Path, exts: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], int, int]:
+    """``(image files relative to root, sorted; other files; links skipped)``. Links are followed,
+    but every folder and file is taken once by its real path, so a loop ends and a folder linked
+    twice counts once; names are visited in sorted order, so which name is kept is fixed."""
+    files: List[str] = []
+    others = skipped = 0
+    seen_dirs = {os.path.realpath(root)}
+    seen_files = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen_dirs:
+                skipped += 1
+                continue
+            seen_dirs.add(real)
+            keep.append(d)
+        dirnames[:] = keep
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            if os.path.splitext(fn)[1].lower() not in exts:
+                others += 1
+                continue
+            full = os.path.join(dirpath, fn)
+            real = os.path.realpath(full)
+            if real in seen_files:
+                skipped += 1
+                continue
+            seen_files.add(real)
+            files.append(Path(os.path.relpath(full, root)).as_posix())
+    return sorted(files), others, skipped
+
+
+def checked_max_pixels(max_pixels: int) -> int:
+    """``max_pixels`` of a source that decodes files, refused unless positive (0 would refuse every image)."""
+    if int(max_pixels) <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    return int(max_pixels)
+
+
 def load_image_file(
     path: str | os.PathLike,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -248,20 +294,34 @@ def load_image_file(
     path = str(path)
     try:
         size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            return decode_image(f, path, size, max_pixels=max_pixels, background=background)
     except FileNotFoundError:
         raise BadImage(path, "missing: the file disappeared after the folder was scanned") from None
     except OSError as e:
         raise BadImage(path, f"missing: {e}") from None
+
+
+def decode_image(
+    stream: BinaryIO,
+    name: str,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: Tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Decode the ``size`` bytes of one image file read from ``stream`` (a file on disk, a tar
+    member) to 8-bit RGB, or raise :class:`BadImage` under ``name``: every source that holds
+    files decodes them here, so they all follow the same colour rules and limits."""
     if size == 0:
-        raise BadImage(path, "empty file: 0 bytes")
+        raise BadImage(name, "empty file: 0 bytes")
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with warnings.catch_warnings():
             # Our own pixel limit applies; Pillow's warning below its hard limit is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(f)
+            img = Image.open(stream)
             w, h = img.size
             if w * h > max_pixels:
-                raise BadImage(path, f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+                raise BadImage(name, f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
@@ -271,20 +331,18 @@ def load_image_file(
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise BadImage(path, f"too large: {e}") from None
+        raise BadImage(name, f"too large: {e}") from None
     except UnidentifiedImageError:
-        raise BadImage(path, f"not an image: Pillow cannot identify the format ({size} bytes)") from None
+        raise BadImage(name, f"not an image: Pillow cannot identify the format ({size} bytes)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
             MemoryError, RuntimeError) as e:
         msg = str(e) or type(e).__name__
         kind = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "decode error"
-        raise BadImage(path, f"{kind}: {msg}") from None
+        raise BadImage(name, f"{kind}: {msg}") from None
 
 
 def _skimage_loader(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        import skimage.data
-
         out = getattr(skimage.data, name)()
         if name == "stereo_motorcycle":
             out = out[0]  # (left view, right view, disparity)
@@ -294,8 +352,6 @@ def _skimage_loader(name: str) -> Callable[[], np.ndarray]:
 
 
 def _sklearn_sample_images() -> List[Tuple[str, np.ndarray]]:
-    from sklearn.datasets import load_sample_images
-
     bunch = load_sample_images()
     return [(Path(fn).stem, img) for fn, img in zip(bunch.filenames, bunch.images)]
 
@@ -331,8 +387,6 @@ class EmbeddedSource(ImageSource):
             self.skipped.append(("sklearn:load_sample_images", f"{type(e).__name__}: {e}"))
         self.fashion_mnist = 0
         if fashion_mnist:
-            from . import labelled
-
             folder = Path(fmnist_dir) if fmnist_dir is not None else labelled.fashion_mnist_dir()
             if labelled.fashion_mnist_available(folder):
                 imgs = labelled.read_idx_images(folder / labelled.FMNIST_FILES["train_images"],
@@ -380,17 +434,3 @@ class EmbeddedSource(ImageSource):
         if arr.ndim == 2:
             return Image.fromarray(arr, "L").convert("RGB")
         return Image.fromarray(arr, "RGB")
-
-
-def build_source(spec: str, fashion_mnist: int = 64, **kwargs) -> ImageSource:
-    """``"embedded"`` -> :class:`EmbeddedSource` (with ``fashion_mnist`` Fashion-MNIST images);
-    anything else is a folder path (``fashion_mnist`` is ignored there).
-
-    A folder that happens to be called ``embedded`` is reached as ``./embedded``. Other keyword
-    arguments go to the chosen class (e.g. ``max_pixels=...`` for a folder).
-    """
-    if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"image source must be 'embedded' or a folder path, got {spec!r}")
-    if isinstance(spec, str) and spec.strip().lower() == "embedded":
-        return EmbeddedSource(fashion_mnist=fashion_mnist, **kwargs)
-    return FolderSource(spec, **kwargs)

@@ -127,7 +127,7 @@ def resolve_compute_dtype(device: Union[str, torch.device], compute_dtype: Optio
 
 
 def _make_int8(lin: nn.Linear, device: torch.device) -> nn.Module:
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional (gpu extra), heavy: only for 8/4-bit layers and optimizers
 
     q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                             has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
@@ -140,7 +140,7 @@ def _make_int8(lin: nn.Linear, device: torch.device) -> nn.Module:
 
 
 def _make_nf4(lin: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional (gpu extra), heavy: only for 8/4-bit layers and optimizers
 
     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
                           compress_statistics=True, quant_type="nf4", device="meta")

@@ -59,7 +59,7 @@ def bnb_kind(module: nn.Module) -> Optional[str]:
     """'int8' / 'nf4' / 'fp4' for the bitsandbytes linears this package understands, else None."""
     if not is_bnb_module(module):
         return None
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional (gpu extra), heavy: only for 8/4-bit layers and optimizers
 
     if isinstance(module, bnb.nn.Linear8bitLt):
         return "int8"

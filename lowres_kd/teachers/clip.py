@@ -8,14 +8,15 @@ student's base. Local files: timm's ``model.safetensors`` or an open_clip checkp
 keys, converted by timm's checkpoint filter); OpenAI's original TorchScript ``.pt`` archives are
 not state dicts and are refused.
 """
-from ..config import TeacherConfig
-from .base import TEACHERS, Teacher, no_shipped_weights, student_base
+from ..schema import TeacherConfig
+from .base import TEACHERS, Teacher, no_shipped_weights, small_random, student_base
 from .timm_model import TimmFamily
 
 CLIP = TimmFamily("clip", model="vit_large_patch14_clip_224.openai", input_size=224, models=("vit_*_clip_*",))
 
 
 @TEACHERS.register("clip")
+@small_random(model="vit_xsmall_patch16_clip_224", input_size=32)
 @student_base
 @no_shipped_weights
 def clip(cfg: TeacherConfig) -> Teacher:

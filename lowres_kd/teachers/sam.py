@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
-from ..config import TeacherConfig
-from .base import TEACHERS, Teacher, no_shipped_weights, student_base
+from ..schema import TeacherConfig
+from .base import TEACHERS, Teacher, no_shipped_weights, small_random, student_base
 from .timm_model import TimmFamily
 
 
@@ -43,6 +43,7 @@ SAM = TimmFamily("sam", model="samvit_base_patch16.sa1b", input_size=512, models
 
 
 @TEACHERS.register("sam")
+@small_random(model="samvit_base_patch16", input_size=32)
 @student_base
 @no_shipped_weights
 def sam(cfg: TeacherConfig) -> Teacher:

@@ -5,7 +5,8 @@ architectures it accepts, an optional checkpoint converter); the ``timm`` family
 ``dinov2``, ``clip`` and ``sam`` (one file each) are ``TimmFamily`` entries with their defaults.
 
 Weights: ``hub`` downloads through timm (online, or from the local Hugging Face cache), a path
-loads a local safetensors or ``weights_only`` .pt state dict, ``none`` keeps the random init.
+loads a local safetensors or ``weights_only`` .pt state dict, ``none`` keeps the random init,
+``shipped`` loads a family's ``ShippedWeights`` (weights inside an installed package, one model).
 Files are read by ``weights.load_state_dict`` (never by timm's loader: timm 1.0.x before the
 ``weights_only`` default unpickled .pt files unrestricted), then passed through the timm model
 module's own ``checkpoint_filter_fn``, as ``timm.create_model(pretrained=True)`` would: it converts
@@ -25,15 +26,30 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+import timm
 import torch
 from torch import nn
 
-from ..config import TeacherConfig
-from .base import TEACHERS, Features, Teacher, TeacherSpec, no_shipped_weights, student_base
+from ..schema import TeacherConfig
+from .base import TEACHERS, Features, Teacher, TeacherSpec, no_shipped_weights, small_random, student_base
 from .weights import load_state_dict
 
 LORA_LEAVES = ("qkv", "proj", "fc1", "fc2")
 StateFilter = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ShippedWeights:
+    """Real weights for one timm model of a family that ship inside an installed package.
+
+    ``load(net)`` returns a state dict for the built model ``net`` (at its input size); it then goes
+    through the same ``load_checkpoint`` as a file. ``model`` is what ``model: ""`` means with
+    ``weights: shipped``; ``what`` names the weights in messages and docs.
+    """
+
+    model: str
+    what: str
+    load: Callable[[nn.Module], Dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,8 @@ class TimmFamily:
     ``model`` / ``input_size``: what a recipe's ``model: ""`` / ``input_size: 0`` mean (input size
     0: the timm model's own pretrained size); ``models``: fnmatch patterns of the timm
     architectures the family accepts; ``adapt_state(state, net)``: a conversion applied after
-    timm's own checkpoint filter, for what that filter leaves undone.
+    timm's own checkpoint filter, for what that filter leaves undone; ``shipped``: the one model
+    whose weights ship in a package (``weights: shipped``), if any.
     """
 
     name: str
@@ -51,11 +68,17 @@ class TimmFamily:
     input_size: int = 0
     models: Tuple[str, ...] = ("*",)
     adapt_state: Optional[StateFilter] = None
+    shipped: Optional[ShippedWeights] = None
+
+    def default_model(self, cfg: TeacherConfig) -> str:
+        """The timm model a recipe entry means: its ``model``, else the shipped model for
+        ``weights: shipped``, else the family's default."""
+        if cfg.model:
+            return cfg.model
+        return self.shipped.model if self.shipped is not None and cfg.weights == "shipped" else self.model
 
     def build(self, cfg: TeacherConfig) -> "TimmTeacher":
-        import timm
-
-        model = cfg.model or self.model
+        model = self.default_model(cfg)
         if not model:
             raise ValueError(f"teacher {cfg.name!r}: the {self.name} teacher family needs 'model' "
                              "(a timm model name, e.g. vit_small_patch16_224)")
@@ -71,8 +94,6 @@ TIMM = TimmFamily("timm")
 
 def hub_state(model: str, family: str, name: str) -> Dict[str, torch.Tensor]:
     """The pretrained weights of a timm model through timm's own download (cache first)."""
-    import timm
-
     try:
         source = timm.create_model(model, pretrained=True, num_classes=0)
     except (OSError, RuntimeError) as exc:  # offline (HF_HUB_OFFLINE), no network, no such weights
@@ -110,11 +131,14 @@ class TimmTeacher(Teacher):
     def __init__(self, model: str, weights: str = "none", input_size: int = 0, layer="last",
                  family: TimmFamily = TIMM, name: str = ""):
         super().__init__()
-        import timm
-
-        if weights == "shipped":
+        shipped = family.shipped
+        if weights == "shipped" and shipped is None:
             raise ValueError(f"teacher {name!r}: no weights ship with the {family.name} family; use 'hub' "
                              "(online), a local .safetensors / .pt file, or 'none'")
+        if weights == "shipped" and model != shipped.model:
+            raise ValueError(f"teacher {name!r}: the {family.name} family ships weights for model {shipped.model!r} "
+                             f"only ({shipped.what}), not {model!r}; for {model!r} use 'hub' (online) or a local "
+                             ".safetensors / .pt file")
         kwargs = {"num_classes": 0}
         if input_size:
             kwargs["img_size"] = input_size
@@ -123,7 +147,9 @@ class TimmTeacher(Teacher):
         except TypeError:  # models without img_size (CNNs) take any size
             kwargs.pop("img_size", None)
             self.net = timm.create_model(model, **kwargs)
-        if weights != "none":
+        if weights == "shipped":
+            load_checkpoint(self.net, shipped.load(self.net), shipped.what, family.adapt_state)
+        elif weights != "none":
             state = hub_state(model, family.name, name) if weights == "hub" else load_state_dict(weights)
             load_checkpoint(self.net, state, "the hub weights" if weights == "hub" else weights, family.adapt_state)
         cfg = self.net.pretrained_cfg
@@ -163,8 +189,17 @@ class TimmTeacher(Teacher):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.net.set_grad_checkpointing(enable)
 
+    def set_input_size(self, size: int) -> None:
+        """timm's own ``set_input_size``: the patch grid and a resampled position table."""
+        if self.is_token_model and tuple(self.net.patch_embed.img_size) != (size, size):
+            if not hasattr(self.net, "set_input_size"):
+                raise ValueError(f"teacher family {self.spec.family!r}: {type(self.net).__name__} cannot change its "
+                                 f"input size (fixed at {self.net.patch_embed.img_size[0]} px)")
+            self.net.set_input_size(img_size=(size, size))
+
 
 @TEACHERS.register("timm")
+@small_random(model="vit_tiny_patch16_224", input_size=32)
 @student_base
 @no_shipped_weights
 def timm_teacher(cfg: TeacherConfig) -> Teacher:

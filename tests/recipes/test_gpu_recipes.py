@@ -79,7 +79,7 @@ def local_weights(files):
 
 @pytest.mark.slow
 def test_twelve_gb_recipe_builds_from_local_random_weights(tmp_path, weight_files):
-    from lowres_kd.training.trainer import build_student_and_teachers
+    from lowres_kd.build import build_student_and_teachers
 
     files, student_state = weight_files
     recipe = load_recipe(REPO / "recipes" / "vitb_dinov2_clip_sam_12gb.yaml",

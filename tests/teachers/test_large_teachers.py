@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from lowres_kd.config import StudentConfig, TeacherConfig, recipe_from_dict
 from lowres_kd.model import Student
 from lowres_kd.teachers import build_teacher, can_be_student
-from lowres_kd.training.trainer import build_student_and_teachers
-from conftest import tiny_recipe_dict
+from lowres_kd.build import build_student_and_teachers
+from helpers import tiny_recipe_dict
 
 # (family, small timm model of the family, input size) -> expected grid
 SMALL = {

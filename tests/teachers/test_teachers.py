@@ -9,20 +9,8 @@ from skimage import data as skdata
 
 from lowres_kd.config import TeacherConfig
 from lowres_kd.data import EvalTransform
-from lowres_kd.teachers import TEACHERS, Features, build_teacher
+from lowres_kd.teachers import TEACHERS, Features, build_teacher, small_random_config
 from lowres_kd.teachers.weights import load_state_dict
-
-# Random-weight configurations for every registered family (a new family must add one here).
-RANDOM = {
-    "mobilenet_v2": dict(input_size=64),
-    "efficientnet_lite0": dict(input_size=64),
-    "hed": dict(input_size=48),
-    "timm": dict(model="vit_tiny_patch16_224", input_size=64),
-    "dinov2": dict(model="vit_small_patch14_dinov2", input_size=56),
-    "clip": dict(model="vit_xsmall_patch16_clip_224", input_size=64),
-    "sam": dict(model="samvit_base_patch16", input_size=64),
-}
-
 
 def photo(name: str, size: int = 224) -> torch.Tensor:
     return EvalTransform(size)(getattr(skdata, name)())[None]
@@ -30,8 +18,7 @@ def photo(name: str, size: int = 224) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", TEACHERS.list())
 def test_every_family_gives_global_and_dense(family):
-    assert family in RANDOM, f"add a random-weight configuration for new family {family!r}"
-    teacher = build_teacher(TeacherConfig(name="t", family=family, weights="none", **RANDOM[family])).freeze()
+    teacher = build_teacher(small_random_config(family)).freeze()
     images = torch.rand(2, 3, 50, 70)  # any size: the teacher resizes
     with torch.no_grad():
         f = teacher(images)
@@ -110,3 +97,19 @@ def test_pickles_that_run_code_are_refused(tmp_path):
         load_state_dict(path)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         load_state_dict(tmp_path / "absent.pt")
+
+
+def test_dense_grid_pools_a_fine_map_and_says_so_in_the_spec():
+    """``dense_grid`` average-pools a map finer than it (HED's stride-4 side outputs here) and
+    leaves a coarser one alone; the spec's grid is what the teacher then returns."""
+    images = photo("chelsea", 64)
+    full = build_teacher(TeacherConfig(name="e", family="hed", input_size=64)).freeze()
+    pooled = build_teacher(TeacherConfig(name="e", family="hed", input_size=64, dense_grid=4)).freeze()
+    coarse = build_teacher(TeacherConfig(name="e", family="hed", input_size=64, dense_grid=1000)).freeze()
+    with torch.no_grad():
+        f, p, c = full(images), pooled(images), coarse(images)
+    assert full.spec.grid == (16, 16) and pooled.spec.grid == (4, 4) and coarse.spec.grid == (16, 16)
+    assert p.dense.shape[-2:] == (4, 4)
+    torch.testing.assert_close(p.dense, torch.nn.functional.avg_pool2d(f.dense, 4))
+    torch.testing.assert_close(c.dense, f.dense)
+    torch.testing.assert_close(p.global_, f.global_)

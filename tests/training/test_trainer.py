@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import lowres_kd
-from conftest import read_log
+from helpers import read_log
 from lowres_kd.cli import main
 from lowres_kd.data import collate_images
-from lowres_kd.training import checkpoint as ckpt
+from lowres_kd.rundir import checkpoint as ckpt
 from lowres_kd.training.trainer import NonFiniteLossError, ResumeMismatch, Trainer, lr_at
 
 

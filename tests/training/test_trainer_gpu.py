@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import logged_losses, train_to_end
+from helpers import logged_losses, train_to_end
 
 pytestmark = pytest.mark.gpu
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ...config import Recipe
-from ...engine_choice import resolve_engine_name
+from ...schema import Recipe
+from ...engine_config import resolve_engine_name
 from ..distributed import DistEnv
 from .base import ENGINES, Engine
 from . import deepspeed_engine, torch_engine  # noqa: F401  (registration)

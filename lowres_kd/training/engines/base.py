@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ...config import Recipe
+from ...schema import Recipe
 from ...registry import Registry
 from ..distributed import DistEnv
 
@@ -29,7 +29,7 @@ def param_groups(params: List[nn.Parameter], weight_decay: float) -> List[dict]:
 def make_optimizer(name: str, groups: List[dict], lr: float, betas) -> torch.optim.Optimizer:
     """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes: moments in 8 bits, 2 bytes a parameter)."""
     if name == "adamw8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional (gpu extra), heavy: only for 8/4-bit layers and optimizers
 
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=tuple(betas))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))

@@ -27,42 +27,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ...engine_config import checks_overflow, deepspeed_config
 from ...heads import Head
 from ..distributed import backend_for, single_process_env
 from .base import ENGINES, Engine, make_optimizer, param_groups
 
 TRAINABLE = ("student", "heads")  # the submodules DeepSpeed manages; the rest (normalisers) stays fp32
 TAG = "state"
-BUCKET = 2**24  # elements per ZeRO communication bucket
-
-
-def checks_overflow(recipe, bf16: bool) -> bool:
-    """Whether DeepSpeed itself finds non-finite gradients and skips the step (ZeRO 1-3, bf16)."""
-    return recipe.deepspeed.zero_stage >= 1 or bf16
-
-
-def deepspeed_config(recipe, bf16: bool, cuda: bool) -> dict:
-    t, o, ds = recipe.train, recipe.optim, recipe.deepspeed
-    # buckets of 2^24 elements (32 MiB in bf16), not DeepSpeed's 5e8 (954 MiB), which a small card cannot spare
-    zero = {"stage": ds.zero_stage, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
-            "stage3_prefetch_bucket_size": BUCKET}
-    if ds.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": cuda}
-    if ds.offload_param != "none":
-        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": cuda}
-    config = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": o.grad_clip if checks_overflow(recipe, bf16) else 0.0,  # else: clipped by the engine
-        "bf16": {"enabled": bf16},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # bitsandbytes AdamW8bit under ZeRO
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if ds.offload_optimizer != "none":
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
-    return config
 
 
 @ENGINES.register("deepspeed")
@@ -71,7 +42,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, recipe, model, device, dist, bf16):
         super().__init__(recipe, model, device, dist, bf16)
-        import deepspeed
+        import deepspeed  # optional (deepspeed extra), heavy: only for this engine
 
         if dist.world_size == 1:
             single_process_env()
@@ -126,7 +97,7 @@ class DeepSpeedEngine(Engine):
         return norm if math.isfinite(float(norm)) else None
 
     def _gathered(self):
-        import deepspeed
+        import deepspeed  # optional (deepspeed extra), heavy: only for this engine
 
         if self.recipe.deepspeed.zero_stage == 3:
             return deepspeed.zero.GatheredParameters(list(self.trainable.parameters()), modifier_rank=None)
@@ -137,7 +108,7 @@ class DeepSpeedEngine(Engine):
             state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
                      for k, v in self.model.state_dict().items()}
         if self.bf16 and self.recipe.deepspeed.zero_stage >= 1:  # the fp32 masters, not the bf16 copies
-            from deepspeed.utils import safe_get_full_fp32_param
+            from deepspeed.utils import safe_get_full_fp32_param  # optional, as above
 
             for name, p in self.trainable.named_parameters():
                 if p.requires_grad:  # every rank takes part (a gather at stage 3)

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as torch_dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .. import checkpoint as ckpt
+from ...rundir import checkpoint as ckpt
+from ..distributed import backend_for
 from .base import ENGINES, Engine, make_optimizer, param_groups
 
 
@@ -27,8 +28,6 @@ class TorchEngine(Engine):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(o.name, param_groups(self.params, o.weight_decay), o.lr, o.betas)
         if dist.world_size > 1 and not dist.active:
-            from ..distributed import backend_for
-
             torch_dist.init_process_group(backend_for(device))
 
     def describe(self) -> str:

@@ -1,0 +1,1 @@
+"""What a run directory holds on disk: atomic safetensors checkpoints and the run's lock."""
