@@ -52,6 +52,7 @@ MAX_IMAGES = 10**7  # calibration, probe and shard image counts
 MAX_WIDTH = 65536  # head_hidden, lora_rank
 MAX_LAYER = 4096  # a teacher's block index
 MAX_EPOCHS = 10**4  # cache.epochs
+MAX_RANK = 2**16  # cache.rank: wider than any teacher's features
 MAX_WORKERS = 1024  # data.num_workers
 MAX_FASHION_MNIST = 60000  # Fashion-MNIST's training set
 MAX_WEIGHT = 1e6  # learning rate, weights, beta, alpha, clipping: sums and products stay finite
@@ -62,6 +63,8 @@ RESERVED_NAMES = ("step", "lr", "loss", "dropped", "grad_norm", "images_per_s", 
 
 # ----------------------------------------------------------------------------- parsing
 def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"  # as the YAML is written
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
@@ -239,6 +242,10 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
     need(1 <= r.cache.epochs <= MAX_EPOCHS, "cache.epochs", f"an integer >= 1 and <= {MAX_EPOCHS}", r.cache.epochs)
     need(1 <= r.cache.shard_images <= MAX_IMAGES, "cache.shard_images", f"an integer >= 1 and <= {MAX_IMAGES}",
          r.cache.shard_images)
+    need(r.cache.rank is None or 1 <= r.cache.rank <= MAX_RANK, "cache.rank",
+         f"null or an integer >= 1 and <= {MAX_RANK} (at most a cached teacher's width)", r.cache.rank)
+    need(2 <= r.cache.rank_images <= MAX_IMAGES, "cache.rank_images", f"an integer >= 2 and <= {MAX_IMAGES}",
+         r.cache.rank_images)
     need(bool(r.output_dir.strip()), "output_dir", "a non-empty path (may contain {name})", r.output_dir)
     try:
         r.output_dir.format(name=r.name)

@@ -47,7 +47,7 @@ OUT_OF_RANGE = {
     "teachers[0].offload": True, "teachers[0].weight": -1.0, "teachers[0].base": False, "teachers[0].name": "a.b",
     "teachers[0].outputs": {"dense": "features"}, "teachers[0].mean": [0.5], "teachers[0].std": [0.2, 0.2, 0.2],
     "name": "", "output_dir": "", "teachers_from": "disk",
-    "cache.dtype": "int4", "cache.epochs": 0, "cache.shard_images": 0,
+    "cache.dtype": "int4", "cache.epochs": 0, "cache.shard_images": 0, "cache.rank": 0, "cache.rank_images": 1,
     "engine": "jax", "memory": "max", "optim.name": "sgd",
     "student.family": "hed", "student.model": "vit_base_patch14_dinov2", "student.weights": "/no/such/file.pt",
     "deepspeed.zero_stage": 4, "deepspeed.offload_optimizer": "nvme", "deepspeed.offload_param": "cpu",

@@ -2,10 +2,14 @@
 augmented views of every image; their normalised targets land in shards that training reads
 back (``store``).
 
-The build resumes. The normalisers are fitted first and saved; ``progress.json`` then records
+With ``cache.rank`` a PCA basis per teacher and kind is fitted next (``rank``) and the shards hold
+coefficients; the report gives each teacher's bytes per image and view and the mean cosine of
+the targets as training reads them back to the exact ones.
+
+The build resumes. The normalisers (and the basis) are fitted first and saved; ``progress.json`` then records
 each finished view-shard (its files' sha256 and its share of the report) after its files are
 written, flushed and renamed into place. A rerun whose recipe still gives the same manifest
-loads those normalisers, keeps the shards whose files still have their recorded hash and
+loads those normalisers (and basis), keeps the shards whose files still have their recorded hash and
 computes the rest; every target depends only on (seed, view, image), so the finished cache is
 byte for byte the one an uninterrupted build writes. ``manifest.json``, written last, replaces
 ``progress.json``: only then may training read the cache.
@@ -27,6 +31,7 @@ from ..rundir.checkpoint import sha256_file
 from ..rundir.lock import RunLock
 from ..schema import Recipe
 from ..targets import TeacherTargets
+from .rank import BASIS, KINDS, basis_of, check_rank, fit_bases, project, reconstruct
 from .store import (MANIFEST, NORMALIZERS, cache_manifest, decode, encode, load_normalizers, normalizer_tensors,
                     remove_temporaries, save_atomic, save_json_atomic)
 
@@ -86,6 +91,8 @@ def _done_shards(root: Path, expected: dict) -> Optional[Dict[str, dict]]:
     if state.get("manifest") != expected or not (root / NORMALIZERS).is_file() \
             or sha256_file(root / NORMALIZERS) != state.get("normalizers"):
         return None
+    if expected["rank"] and (not (root / BASIS).is_file() or sha256_file(root / BASIS) != state.get("basis")):
+        return None
     return {key: done for key, done in state["done"].items()
             if all((root / rel).is_file() and sha256_file(root / rel) == digest for rel, digest in done["sha256"].items())}
 
@@ -97,18 +104,25 @@ def _build_cache(recipe: Recipe, progress: bool) -> dict:
     remove_temporaries(root)
     expected = _as_json(cache_manifest(recipe, data.source.names(), model.specs))
     done = _done_shards(root, expected)
+    rank, dataset = recipe.cache.rank, data.augmented
+    if rank:
+        check_rank(rank, model.specs)
     if done is None:  # a fresh build: whatever was here no longer counts as a cache
         (root / MANIFEST).unlink(missing_ok=True)
         (root / PROGRESS).unlink(missing_ok=True)
         _fit(recipe, model, targets, None)
         save_atomic(normalizer_tensors(model, list(model.specs)), root / NORMALIZERS)
+        if rank:
+            save_atomic(_fit_bases(recipe, model, targets, dataset, progress), root / BASIS)
         done = {}
     else:
         _fit(recipe, model, targets, load_file(str(root / NORMALIZERS)))
-    state = {"manifest": expected, "normalizers": sha256_file(root / NORMALIZERS), "done": done}
+    bases = load_file(str(root / BASIS)) if rank else None
+    state = {"manifest": expected, "normalizers": sha256_file(root / NORMALIZERS),
+             "basis": sha256_file(root / BASIS) if rank else None, "done": done}
     save_json_atomic(state, root / PROGRESS)
 
-    dataset, n, shard = data.augmented, len(data.augmented), recipe.cache.shard_images
+    n, shard = len(dataset), recipe.cache.shard_images
     views = [(e, s) for e in range(recipe.cache.epochs) for s in range(0, n, shard)]
     keys = [f"e{e:03d}_s{s // shard:05d}" for e, s in views]
     finished = sum(min(n, s + shard) - s for (e, s), key in zip(views, keys) if key in done)
@@ -122,7 +136,7 @@ def _build_cache(recipe: Recipe, progress: bool) -> dict:
                 continue
             dataset.set_epoch(epoch)
             done[key] = _write_view_shard(recipe, model, targets, dataset, root, key, range(start, min(n, start + shard)),
-                                          bar)
+                                          bar, bases)
             save_json_atomic(state, root / PROGRESS)  # only now is this view-shard done
     records = [done[key] for key in keys]
     err_sum, ref_sum = sum(r["err_sum"] for r in records), sum(r["ref_sum"] for r in records)
@@ -131,16 +145,47 @@ def _build_cache(recipe: Recipe, progress: bool) -> dict:
               "relative_error": (err_sum / max(ref_sum, 1e-30)) ** 0.5,
               "max_abs_error": max(r["err_max"] for r in records)}
     report["ratio"] = report["bytes"] / max(report["raw_fp32_bytes"], 1)
+    report["teachers"] = _teacher_report(records, n * recipe.cache.epochs)
     files = [rel for r in records for rel in r["sha256"]]
-    save_json_atomic({**expected, "files": files, "report": report}, root / MANIFEST)  # last: the cache is complete
+    save_json_atomic({**expected, "basis_sha256": state["basis"], "files": files, "report": report},
+                     root / MANIFEST)  # last: the cache is complete
     (root / PROGRESS).unlink()
     return report
 
 
+def _fit_bases(recipe: Recipe, model, targets: TeacherTargets, dataset, progress: bool) -> Dict[str, torch.Tensor]:
+    """The PCA bases of the cached teachers on epoch 0's first ``cache.rank_images`` views."""
+    dataset.set_epoch(0)
+    rank = recipe.cache.rank
+    bases, rows = fit_bases(lambda images: targets.normalised(images.to(targets.device)), dataset,
+                            recipe.cache.rank_images, recipe.train.batch_size, rank, list(model.specs), progress)
+    for key, count in rows.items():
+        if count <= rank:
+            tqdm.write(f"note: cache basis {key} fitted on {count} rows for rank {rank}: the directions past "
+                       f"{count - 1} carry nothing (more cache.rank_images, or a smaller cache.rank)")
+    return bases
+
+
+def _teacher_report(records: List[dict], views: int) -> Dict[str, dict]:
+    """Per teacher: stored bytes per image and view, and the mean cosine of the targets read back
+    to the exact ones, per kind (global: a row an image, dense: a row a token)."""
+    out: Dict[str, dict] = {}
+    for r in records:
+        for name, kinds in r["teachers"].items():
+            t = out.setdefault(name, {"bytes": 0, **{k: {"cos_sum": 0.0, "rows": 0} for k in KINDS}})
+            t["bytes"] += kinds["bytes"]
+            for k in KINDS:
+                t[k]["cos_sum"] += kinds[k]["cos_sum"]
+                t[k]["rows"] += kinds[k]["rows"]
+    return {name: {"bytes_per_image_view": t["bytes"] / max(views, 1),
+                   **{f"{k}_cosine": t[k]["cos_sum"] / max(t[k]["rows"], 1) for k in KINDS}}
+            for name, t in out.items()}
+
+
 def _write_view_shard(recipe: Recipe, model, targets: TeacherTargets, dataset, root: Path, key: str, idx: range,
-                      bar: tqdm) -> dict:
-    """Targets of images ``idx`` in the dataset's current view, one file per cached teacher;
-    returns the view-shard's record for ``progress.json``."""
+                      bar: tqdm, bases: Optional[Dict[str, torch.Tensor]] = None) -> dict:
+    """Targets of images ``idx`` in the dataset's current view, one file per cached teacher (PCA
+    coefficients with ``bases``); returns the view-shard's record for ``progress.json``."""
     names = list(model.specs)
     rows: Dict[str, Dict[str, list]] = {t: {"global": [], "dense": []} for t in names}
     valid = torch.zeros(len(idx), dtype=torch.bool)
@@ -158,26 +203,34 @@ def _write_view_shard(recipe: Recipe, model, targets: TeacherTargets, dataset, r
             for name, f in targets.normalised(images).items():
                 rows[name]["global"].append((positions, f.global_.cpu()))
                 rows[name]["dense"].append((positions, f.dense.permute(0, 2, 3, 1).cpu()))  # rows = tokens
-    record = {"sha256": {}, "bytes": 0, "raw": 0, "err_sum": 0.0, "ref_sum": 0.0, "err_max": 0.0}
+    record = {"sha256": {}, "bytes": 0, "raw": 0, "err_sum": 0.0, "ref_sum": 0.0, "err_max": 0.0, "teachers": {}}
     for name in names:
         tensors = {"valid": valid}
         spec = model.specs[name]
+        stats = record["teachers"][name] = {}
         for kind, chunks in rows[name].items():
             width = spec.global_dim if kind == "global" else spec.dense_dim
             shape = (len(idx), width) if kind == "global" else (len(idx), *spec.grid, width)
             full = torch.zeros(shape)
             for positions, values in chunks:
                 full[positions] = values.float()
-            parts = encode(full, recipe.cache.dtype)
-            err = (decode(parts) - full)[valid]
+            pair = basis_of(bases, kind, name)
+            parts = encode(full if pair is None else project(full, *pair), recipe.cache.dtype)
+            read_back = decode(parts) if pair is None else reconstruct(decode(parts), *pair)
+            err = (read_back - full)[valid]
             record["err_sum"] += float(err.pow(2).sum())
             record["ref_sum"] += float(full[valid].pow(2).sum())
             record["err_max"] = max(record["err_max"], float(err.abs().max()) if err.numel() else 0.0)
             record["raw"] += full[valid].numel() * 4
+            if kind == "dense":  # (N, h, w, C) -> rows of tokens
+                read_back, full = read_back.flatten(1, 2), full.flatten(1, 2)
+            cos = torch.nn.functional.cosine_similarity(read_back[valid], full[valid], dim=-1)
+            stats[kind] = {"cos_sum": float(cos.double().sum()), "rows": cos.numel()}
             for part, value in parts.items():
                 tensors[f"{kind}.{part}"] = value
         rel = f"{name}/{key}.safetensors"
         save_atomic(tensors, root / rel)
-        record["bytes"] += (root / rel).stat().st_size
+        stats["bytes"] = (root / rel).stat().st_size
+        record["bytes"] += stats["bytes"]
         record["sha256"][rel] = sha256_file(root / rel)
     return record

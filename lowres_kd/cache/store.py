@@ -3,7 +3,8 @@
 ``lowres-kd cache RECIPE`` fits the normalisers, then stores every teacher's *normalised*
 targets (global (C) and dense (C, h, w)) for ``cache.epochs`` augmented views of every image, in
 shards of ``cache.shard_images`` images: ``<teacher>/e<epoch>_s<shard>.safetensors``, fp16, or
-int8 with one scale per row (per image for global, per token for dense). A recipe with
+int8 with one scale per row (per image for global, per token for dense); with ``cache.rank`` the
+rows are PCA coefficients (``rank``). A recipe with
 ``teachers_from: cache`` then trains from it: epoch e reuses the crops and targets of view
 e mod ``cache.epochs``.
 
@@ -14,6 +15,7 @@ says what differs; shard paths must stay inside the cache folder.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,13 +28,14 @@ from safetensors.torch import load_file
 
 from ..dict_diff import dict_differences
 from ..errors import UserError
-from ..rundir.checkpoint import fsync_path, write_tensors
+from ..rundir.checkpoint import fsync_path, sha256_file, write_tensors
 from ..schema import Recipe
 from ..teachers import Features, TeacherSpec
+from .rank import BASIS, basis_of, reconstruct
 
 MANIFEST = "manifest.json"
 NORMALIZERS = "normalizers.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards may hold PCA coefficients (cache.rank)
 
 
 class StaleCacheError(UserError, ValueError):
@@ -82,6 +85,8 @@ def expected_manifest(recipe: Recipe, image_names: List[str], specs: Dict[str, d
         "augmentation": {"seed": recipe.train.seed, "image_size": d.image_size, "crop_scale_min": d.crop_scale_min,
                          "hflip": d.hflip, "epochs": recipe.cache.epochs},
         "dtype": recipe.cache.dtype,
+        "rank": recipe.cache.rank,
+        "rank_images": recipe.cache.rank_images if recipe.cache.rank else None,
         "shard_images": recipe.cache.shard_images,
     }
 
@@ -169,6 +174,13 @@ class TargetCache:
         self.epochs = self.manifest["augmentation"]["epochs"]
         self.shard = self.manifest["shard_images"]
         self._open: Dict[str, object] = {}  # shard path -> safe_open handle: rows are read one by one
+        self.bases: Dict[str, torch.Tensor] = {}
+        if self.manifest.get("rank"):  # shards hold coefficients: the basis turns them back into targets
+            path = _inside(self.root, BASIS)
+            if not path.is_file() or sha256_file(path) != self.manifest.get("basis_sha256"):
+                raise StaleCacheError(f"{path}: missing or not the basis this cache was built with "
+                                      f"(sha256 differs from {MANIFEST}); rebuild it with `lowres-kd cache RECIPE`")
+            self.bases = load_file(str(path))
 
     def specs(self) -> Dict[str, dict]:
         return {name: t["spec"] for name, t in self.manifest["teachers"].items()}
@@ -184,6 +196,20 @@ class TargetCache:
         if rel not in self._open:  # memory-mapped: opening is cheap, a row read touches one row
             self._open[rel] = safe_open(str(self.files[rel]), framework="pt")
         return self._open[rel]
+
+    @functools.cached_property
+    def identity(self) -> dict:
+        """What a checkpoint records of the cache it trained from: the sha256 of its normalisers
+        and basis (a rebuilt cache gives other targets, even with the same manifest)."""
+        return {"normalizers": sha256_file(_inside(self.root, NORMALIZERS)),
+                "basis": self.manifest.get("basis_sha256")}
+
+    def _stored(self, rows: torch.Tensor, kind: str, name: str, device: torch.device) -> torch.Tensor:
+        rows = rows.to(device)
+        pair = basis_of(self.bases, kind, name)
+        if pair is None:
+            return rows
+        return reconstruct(rows, pair[0].to(device), pair[1].to(device))
 
     @staticmethod
     def _row(shard, kind: str, r: int) -> torch.Tensor:
@@ -203,5 +229,6 @@ class TargetCache:
                     raise StaleCacheError(f"{self.root}: image {i} was unreadable when the cache was built")
                 g_rows.append(self._row(shard, "global", r))
                 d_rows.append(self._row(shard, "dense", r))
-            out[name] = Features(torch.stack(g_rows).to(device), torch.stack(d_rows).permute(0, 3, 1, 2).to(device))
+            dense = self._stored(torch.stack(d_rows), "dense", name, device)
+            out[name] = Features(self._stored(torch.stack(g_rows), "global", name, device), dense.permute(0, 3, 1, 2))
         return out

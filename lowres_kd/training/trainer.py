@@ -380,7 +380,8 @@ class Trainer:
                 "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps,
                 "bad_images": self.bad_images.state_dict(), "recipe": self.recipe.to_dict(),
-                "specs": {n: s.to_dict() for n, s in self.model.specs.items()}}
+                "specs": {n: s.to_dict() for n, s in self.model.specs.items()},
+                "cache": self.cache.identity if self.cache is not None else None}
 
     def _rng(self) -> Dict[str, torch.Tensor]:
         rng = {"cpu": torch.get_rng_state()}
@@ -458,6 +459,10 @@ class Trainer:
             raise ResumeMismatch(f"cannot resume {path} with this recipe: " + "; ".join(blocking)
                                  + f". Only these may change: {', '.join(RESUMABLE_CHANGES)}")
         images_done, bs = meta["images_done"], self.global_batch
+        if self.cache is not None and meta.get("cache") not in (None, self.cache.identity):
+            raise ResumeMismatch(f"cannot resume {path}: the teacher cache at {self.cache.root} was rebuilt since "
+                                 f"(its normalisers or PCA basis differ from the ones this run trained on); "
+                                 f"start a new run, or rebuild the cache as it was")
         if meta.get("engine", self.engine.name) != self.engine.name:
             raise ResumeMismatch(f"cannot resume {path}: it was written by the {meta['engine']} engine, this run uses "
                                  f"{self.engine.name}; set engine: {meta['engine']}")

@@ -1,0 +1,137 @@
+"""Rank-reduced cache targets (``cache.rank: r``): a PCA basis per teacher and kind.
+
+Normalised targets are far from full rank (a teacher's 1280 channels carry most of their energy
+in a few hundred directions), so a shard can hold r coefficients a row instead of C values. The
+basis is fitted once per build on the normalised targets of the first ``cache.rank_images``
+training views (epoch 0), before any shard is written; ``basis.safetensors`` keeps, for each
+cached teacher and kind (``global``, ``dense``) wider than r, the mean (C) and the top-r
+eigenvectors (C, r)
+of the targets' covariance, and the manifest its sha256 (a kind no wider than r, such as HED's
+6 dense channels, is stored whole). Training reconstructs a target as ``coefficients @ basis.T +
+mean``: one small matmul a batch.
+
+Coefficients = (x - mean) @ basis. Each eigenvector's sign is fixed (its largest entry
+positive) so that a refit on the same numbers gives the same file.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..teachers import TeacherSpec
+
+BASIS = "basis.safetensors"
+KINDS = ("global", "dense")
+
+
+class RankTooLarge(UserError, ValueError):
+    pass
+
+
+def check_rank(rank: int, specs: Dict[str, TeacherSpec]) -> None:
+    """``cache.rank`` must reduce something: be smaller than some cached teacher's width."""
+    widths = {f"{name} {kind}": w for name, spec in specs.items()
+              for kind, w in (("global", spec.global_dim), ("dense", spec.dense_dim))}
+    widest = max(widths.values())
+    if rank >= widest:
+        raise RankTooLarge(f"cache.rank: {rank} is not smaller than any cached teacher's width (widths: "
+                           + ", ".join(f"{k} {w}" for k, w in widths.items())
+                           + f"); use less than {widest}, or null to store every channel")
+
+
+def reduced(rank: Optional[int], width: int) -> bool:
+    """Whether a kind of this width is stored as coefficients (a kind no wider than the rank is
+    stored whole: its coefficients would be no fewer than its channels)."""
+    return bool(rank) and width > rank
+
+
+def rows_of(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """A target tensor as rows of channels: global (N, C) as is, dense (N, C, h, w) one row a token."""
+    return x if kind == "global" else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class Moments:
+    """Float64 sum and outer-product sum of rows: what a PCA basis is fitted from."""
+
+    def __init__(self, channels: int):
+        self.n = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.outer = torch.zeros(channels, channels, dtype=torch.float64)
+
+    def update(self, rows: torch.Tensor) -> None:
+        r = rows.detach().to("cpu", torch.float64)
+        self.n += r.shape[0]
+        self.sum += r.sum(0)
+        self.outer += r.T @ r
+
+    def basis(self, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean (C), basis (C, rank)), fp32: the top-``rank`` principal directions."""
+        mean = self.sum / self.n
+        cov = self.outer / self.n - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(0.5 * (cov + cov.T))  # ascending
+        top = vectors[:, torch.argsort(values, descending=True)[:rank]]
+        sign = torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
+        return mean.float(), (top * sign).float().contiguous()
+
+
+def project(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Rows (..., C) -> coefficients (..., r)."""
+    return (x - mean) @ basis
+
+
+def reconstruct(coefficients: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Coefficients (..., r) -> rows (..., C)."""
+    return coefficients @ basis.T + mean
+
+
+@torch.no_grad()
+def fit_bases(normalised, dataset, count: int, batch_size: int, rank: int, names: Iterable[str],
+              progress: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """Bases of teachers ``names`` from ``normalised(images)`` on the first ``count`` readable items
+    of ``dataset`` (its current view); returns the flat ``basis.safetensors`` dict and the rows
+    each ``<kind>.<teacher>`` was fitted on."""
+    moments: Dict[str, Moments] = {}
+    batch, seen = [], 0
+    bar = tqdm(total=min(count, len(dataset)), desc="cache basis", unit="img", disable=not progress, leave=False)
+
+    def flush():
+        for name, f in normalised(torch.stack(batch)).items():
+            if name not in names:
+                continue
+            for kind, x in zip(KINDS, (f.global_, f.dense)):
+                rows = rows_of(kind, x)
+                if not reduced(rank, rows.shape[1]):
+                    continue
+                moments.setdefault(f"{kind}.{name}", Moments(rows.shape[1])).update(rows)
+        bar.update(len(batch))
+        batch.clear()
+
+    names = list(names)
+    for i in range(len(dataset)):
+        if seen >= count:
+            break
+        item = dataset[i]
+        if not torch.is_tensor(item):  # unreadable: the shard marks it invalid, the basis skips it
+            continue
+        batch.append(item)
+        seen += 1
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    out: Dict[str, torch.Tensor] = {}
+    for key, m in moments.items():
+        out[f"{key}.mean"], out[f"{key}.basis"] = m.basis(rank)
+    return out, {key: m.n for key, m in moments.items()}
+
+
+def basis_of(bases: Optional[Dict[str, torch.Tensor]], kind: str, name: str):
+    """(mean, basis) of one teacher and kind, or None where it is stored whole."""
+    key = f"{kind}.{name}"
+    if not bases or f"{key}.basis" not in bases:
+        return None
+    return bases[f"{key}.mean"], bases[f"{key}.basis"]
