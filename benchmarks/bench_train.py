@@ -21,10 +21,17 @@ Configurations (recipe overrides):
   recipe        the recipe's own settings as written (what the planner says fits its
                 ``plan.gpu_mem``); on CUDA the process is capped at that budget
                 (``torch.cuda.set_per_process_memory_fraction``): an emulated 8 / 12 / 24 GB card
+  live          the recipe's settings with every teacher run in the step (``teachers_from: live``)
   cache         the recipe's settings trained from a teacher-feature cache (``teachers_from:
                 cache``, built first by ``lowres-kd cache``'s code in the same subprocess, its
                 time reported apart and not in images/s; ``cache.epochs=1``), capped likewise;
                 left out, with the reason, where the recipe cannot train from a cache
+  hybrid        as cache, but the base teacher runs live (``cache: false``; in adapter mode the
+                student's own forward with the adapter off)
+
+Rows trained from a cache also report the build's images/s, bytes on disk per cached view and
+the epochs after which the build has paid for itself against ``live`` (build time / time saved
+per epoch).
   <budget>      on CUDA only (``--budgets``): lowres-kd with ``memory: auto`` planned for the budget
                 and the process capped to it
 
@@ -42,6 +49,7 @@ Writes train[_<tag>]_<device>.json / .md / .png under --out.
 
     python benchmarks/bench_train.py                                  # defaults for this machine
     python benchmarks/bench_train.py --recipe recipes/vitb_dinov2_clip_sam_24gb.yaml --steps 12
+    python benchmarks/bench_train.py --recipe recipes/demo_cpu.yaml --configs live cache hybrid --steps 6 --tag cache
     python benchmarks/bench_train.py --recipe recipes/vitb_dinov2_clip_sam_12gb.yaml --configs naive recipe cache \\
         --budgets --random-weights /tmp/w --images /tmp/img --tag 12gb
 """
@@ -79,7 +87,7 @@ CPU_OVERRIDES = ["data.image_size=64", "space.calibration_images=8", "space.head
                  "train.batch_size=4", "train.grad_accum=1"]
 GPU_BUDGETS = ["8GiB", "12GiB", "24GiB"]
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None  # int8 teachers, 8-bit AdamW
-CONFIGS = ("naive", "lowres-kd", "recipe", "cache")
+CONFIGS = ("naive", "lowres-kd", "recipe", "live", "cache", "hybrid")
 TARGETS = {"12GiB": ("throughput vs naive >= 0.6", 0.6), "24GiB": ("throughput vs naive >= 1.5", 1.5)}
 
 
@@ -136,6 +144,12 @@ def _as_written_overrides(recipe) -> List[str]:
     return out + (["student.weights=none"] if recipe.student.weights == "hub" else [])
 
 
+def _hybrid_live(recipe) -> int:
+    """The teacher a hybrid row runs live: the base (in adapter mode its targets are the student's
+    own forward with the adapter off), else the first one."""
+    return next((i for i, t in enumerate(recipe.teachers) if t.base), 0)
+
+
 def cache_supported(recipe_path: Path, overrides: List[str]) -> Optional[str]:
     """None where the recipe can train from a teacher-feature cache, else why not."""
     try:
@@ -160,9 +174,16 @@ def configurations(recipe, cuda: bool, names: List[str], budgets: List[str]) -> 
     if "recipe" in names:
         rows.append({"name": f"recipe @ {recipe.plan.gpu_mem}" if cuda else "recipe",
                      "overrides": _as_written_overrides(recipe), "budget": own_budget})
+    at = f" @ {recipe.plan.gpu_mem}" if cuda else ""
+    if "live" in names:
+        rows.append({"name": f"live{at}", "overrides": [*_as_written_overrides(recipe), "teachers_from=live"],
+                     "budget": own_budget})
     if "cache" in names:
-        rows.append({"name": f"cache @ {recipe.plan.gpu_mem}" if cuda else "cache",
-                     "overrides": [*_as_written_overrides(recipe), "teachers_from=cache", "cache.epochs=1"],
+        rows.append({"name": f"cache{at}", "overrides": [*_as_written_overrides(recipe), "teachers_from=cache",
+                                                         "cache.epochs=1"], "budget": own_budget, "cache": True})
+    if "hybrid" in names:
+        rows.append({"name": f"hybrid{at}", "overrides": [*_as_written_overrides(recipe), "teachers_from=cache",
+                                                          "cache.epochs=1", f"teachers.{_hybrid_live(recipe)}.cache=false"],
                      "budget": own_budget, "cache": True})
     for b in budgets:
         rows.append({"name": f"lowres-kd @ {b}", "overrides": [*lowres, "memory=auto", f"plan.gpu_mem={b}"], "budget": b})
@@ -203,6 +224,8 @@ def run_worker(spec: Dict) -> Dict:
             report = build_cache(load_recipe(spec["recipe"], live), progress=False)
             record["cache_build_s"] = time.perf_counter() - t0
             record["cache_bytes"] = report.get("bytes")
+            record["cache_views"] = report["images"] * report["views"]
+            record["cache_images"] = report["images"]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -265,6 +288,22 @@ def add_ratios(rows: List[Dict]) -> None:
             r["target"], r["target_met"] = target[0], r["throughput_vs_naive"] >= target[1]
 
 
+def add_cache_economics(rows: List[Dict]) -> None:
+    """For rows trained from a cache: its build's images/s, bytes on disk per cached view, and the
+    training epochs after which the build has paid for itself against the live row
+    (build seconds / seconds saved per epoch; None where the cache row is not faster)."""
+    live = next((r for r in rows if r["name"].startswith("live") and r["fits"]), None)
+    for r in rows:
+        if not (r.get("cache_build_s") and r["fits"]):
+            continue
+        r["cache_build_images_per_s"] = r["cache_views"] / r["cache_build_s"]
+        r["cache_bytes_per_view"] = r["cache_bytes"] / max(r["cache_views"], 1)
+        if live:
+            r["speedup_vs_live"] = r["images_per_s"] / live["images_per_s"]
+            saved = r["cache_images"] / live["images_per_s"] - r["cache_images"] / r["images_per_s"]
+            r["break_even_epochs"] = r["cache_build_s"] / saved if saved > 0 else None
+
+
 def _fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -282,6 +321,13 @@ def write_markdown(path: Path, env: Dict, rows: List[Dict], note: str) -> None:
         lines.append(f"| {r['name']} | {fits} | "
                      f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('peak_mem_gib'))} | {_fmt(r.get('throughput_vs_naive'))} | "
                      f"{_fmt(r.get('memory_vs_naive'))} | {engine} | {target} |")
+    cached = [r for r in rows if r.get("cache_build_images_per_s")]
+    if cached:
+        lines += ["", "| trained from | images/s vs live | cache build images/s | bytes per cached view | "
+                      "paid off after (epochs) |", "|---|---|---|---|---|"]
+        for r in cached:
+            lines.append(f"| {r['name']} | {_fmt(r.get('speedup_vs_live'))} | {_fmt(r['cache_build_images_per_s'])} | "
+                         f"{r['cache_bytes_per_view']:,.0f} | {_fmt(r.get('break_even_epochs'), '.1f')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -352,6 +398,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f"{spec['name']}: " + (f"{record['images_per_s']:.2f} images/s, {record['peak_mem_gib']:.2f} GiB"
                                          if record["fits"] else f"no result ({record.get('error')})"), flush=True)
     add_ratios(rows)
+    add_cache_economics(rows)
     name = f"train_{args.tag}" if args.tag else "train"
     stem = write_results(args.out, name, env, {"env": env, "note": note, "recipe": str(recipe_path), "rows": rows},
                          lambda path: write_markdown(path, env, rows, note), lambda path: write_plot(path, env, rows, note))

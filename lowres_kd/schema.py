@@ -103,7 +103,7 @@ class CacheConfig:
     epochs: int = 4  # augmented views cached per image; training reuses them every `epochs` epochs
     shard_images: int = 1024  # images per shard file
     rank: Optional[int] = None  # PCA coefficients a row instead of every channel (None: all channels)
-    rank_images: int = 256  # training views (epoch 0) the PCA basis is fitted on
+    rank_images: int = 256  # cached training views (epoch 0 first) the PCA basis is fitted on
 
 
 @dataclass

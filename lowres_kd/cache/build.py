@@ -31,7 +31,7 @@ from ..rundir.checkpoint import sha256_file
 from ..rundir.lock import RunLock
 from ..schema import Recipe
 from ..targets import TeacherTargets
-from .rank import BASIS, KINDS, basis_of, check_rank, fit_bases, project, reconstruct
+from .rank import BASIS, KINDS, basis_of, check_rank, fit_bases, project, reconstruct, training_views
 from .store import (MANIFEST, NORMALIZERS, cache_manifest, decode, encode, load_normalizers, normalizer_tensors,
                     remove_temporaries, save_atomic, save_json_atomic)
 
@@ -154,11 +154,11 @@ def _build_cache(recipe: Recipe, progress: bool) -> dict:
 
 
 def _fit_bases(recipe: Recipe, model, targets: TeacherTargets, dataset, progress: bool) -> Dict[str, torch.Tensor]:
-    """The PCA bases of the cached teachers on epoch 0's first ``cache.rank_images`` views."""
-    dataset.set_epoch(0)
-    rank = recipe.cache.rank
-    bases, rows = fit_bases(lambda images: targets.normalised(images.to(targets.device)), dataset,
-                            recipe.cache.rank_images, recipe.train.batch_size, rank, list(model.specs), progress)
+    """The PCA bases of the cached teachers on the first ``cache.rank_images`` views it holds."""
+    c, rank = recipe.cache, recipe.cache.rank
+    views = training_views(dataset, c.rank_images, recipe.train.batch_size, c.epochs)
+    bases, rows = fit_bases(lambda images: targets.normalised(images.to(targets.device)), views, rank,
+                            list(model.specs), progress)
     for key, count in rows.items():
         if count <= rank:
             tqdm.write(f"note: cache basis {key} fitted on {count} rows for rank {rank}: the directions past "

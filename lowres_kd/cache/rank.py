@@ -3,7 +3,7 @@
 Normalised targets are far from full rank (a teacher's 1280 channels carry most of their energy
 in a few hundred directions), so a shard can hold r coefficients a row instead of C values. The
 basis is fitted once per build on the normalised targets of the first ``cache.rank_images``
-training views (epoch 0), before any shard is written; ``basis.safetensors`` keeps, for each
+training views the cache holds (epoch 0's, then epoch 1's, ...), before any shard is written; ``basis.safetensors`` keeps, for each
 cached teacher and kind (``global``, ``dense``) wider than r, the mean (C) and the top-r
 eigenvectors (C, r)
 of the targets' covariance, and the manifest its sha256 (a kind no wider than r, such as HED's
@@ -15,7 +15,7 @@ positive) so that a refit on the same numbers gives the same file.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -61,18 +61,23 @@ class Moments:
         self.sum = torch.zeros(channels, dtype=torch.float64)
         self.outer = torch.zeros(channels, channels, dtype=torch.float64)
 
+        self._eig: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # of the rows so far
+
     def update(self, rows: torch.Tensor) -> None:
         r = rows.detach().to("cpu", torch.float64)
         self.n += r.shape[0]
         self.sum += r.sum(0)
         self.outer += r.T @ r
+        self._eig = None
 
     def basis(self, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean (C), basis (C, rank)), fp32: the top-``rank`` principal directions."""
         mean = self.sum / self.n
-        cov = self.outer / self.n - torch.outer(mean, mean)
-        values, vectors = torch.linalg.eigh(0.5 * (cov + cov.T))  # ascending
-        top = vectors[:, torch.argsort(values, descending=True)[:rank]]
+        if self._eig is None:  # one eigendecomposition serves every rank
+            cov = self.outer / self.n - torch.outer(mean, mean)
+            values, vectors = torch.linalg.eigh(0.5 * (cov + cov.T))  # ascending
+            self._eig = (values, vectors[:, torch.argsort(values, descending=True)])
+        top = self._eig[1][:, :rank]
         sign = torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
         return mean.float(), (top * sign).float().contiguous()
 
@@ -88,41 +93,49 @@ def reconstruct(coefficients: torch.Tensor, mean: torch.Tensor, basis: torch.Ten
 
 
 @torch.no_grad()
-def fit_bases(normalised, dataset, count: int, batch_size: int, rank: int, names: Iterable[str],
-              progress: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
-    """Bases of teachers ``names`` from ``normalised(images)`` on the first ``count`` readable items
-    of ``dataset`` (its current view); returns the flat ``basis.safetensors`` dict and the rows
-    each ``<kind>.<teacher>`` was fitted on."""
-    moments: Dict[str, Moments] = {}
+def training_views(dataset, count: int, batch_size: int, epochs: int, first_epoch: int = 0) -> Iterator[torch.Tensor]:
+    """Batches of the first ``count`` readable training views: epoch 0's images in order, then
+    epoch 1's, ... up to ``epochs`` (the views a cache of that many epochs holds)."""
     batch, seen = [], 0
-    bar = tqdm(total=min(count, len(dataset)), desc="cache basis", unit="img", disable=not progress, leave=False)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        dataset.set_epoch(epoch)
+        for i in range(len(dataset)):
+            if seen >= count:
+                break
+            item = dataset[i]
+            if not torch.is_tensor(item):  # unreadable: the shard marks it invalid, the basis skips it
+                continue
+            batch.append(item)
+            seen += 1
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+    if batch:
+        yield torch.stack(batch)
 
-    def flush():
-        for name, f in normalised(torch.stack(batch)).items():
+
+def fit_moments(normalised, batches: Iterable[torch.Tensor], names: Iterable[str],
+                keep: Callable[[int], bool] = lambda width: True, progress: bool = True) -> Dict[str, Moments]:
+    """``<kind>.<teacher>`` -> the moments of ``normalised(images)`` over ``batches``, for teachers
+    ``names`` and kinds whose width ``keep`` accepts."""
+    names = list(names)
+    moments: Dict[str, Moments] = {}
+    for images in tqdm(batches, desc="cache basis", unit="batch", disable=not progress, leave=False):
+        for name, f in normalised(images).items():
             if name not in names:
                 continue
             for kind, x in zip(KINDS, (f.global_, f.dense)):
                 rows = rows_of(kind, x)
-                if not reduced(rank, rows.shape[1]):
-                    continue
-                moments.setdefault(f"{kind}.{name}", Moments(rows.shape[1])).update(rows)
-        bar.update(len(batch))
-        batch.clear()
+                if keep(rows.shape[1]):
+                    moments.setdefault(f"{kind}.{name}", Moments(rows.shape[1])).update(rows)
+    return moments
 
-    names = list(names)
-    for i in range(len(dataset)):
-        if seen >= count:
-            break
-        item = dataset[i]
-        if not torch.is_tensor(item):  # unreadable: the shard marks it invalid, the basis skips it
-            continue
-        batch.append(item)
-        seen += 1
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    bar.close()
+
+def fit_bases(normalised, batches: Iterable[torch.Tensor], rank: int, names: Iterable[str],
+              progress: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """Bases of teachers ``names`` from ``normalised(images)`` over ``batches``; returns the flat
+    ``basis.safetensors`` dict and the rows each ``<kind>.<teacher>`` was fitted on."""
+    moments = fit_moments(normalised, batches, names, lambda width: reduced(rank, width), progress)
     out: Dict[str, torch.Tensor] = {}
     for key, m in moments.items():
         out[f"{key}.mean"], out[f"{key}.basis"] = m.basis(rank)
