@@ -34,12 +34,8 @@ from lowres_kd.config import load_recipe  # noqa: E402
 from lowres_kd.device import resolve_device  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
 
-DTYPE_BYTES = {"fp16": 2, "int8": 1}
+DTYPES = ("fp16", "int8")
 HELD_OUT_EPOCH = 1000  # scored views: an epoch no fit reaches
-
-
-def _stored_bytes(rows: int, width: int, dtype: str) -> int:
-    return rows * width * DTYPE_BYTES[dtype] + (rows * 4 if dtype == "int8" else 0)
 
 
 def measure(recipe, ranks: List[int], dtypes: List[str], fit_images: int, test_images: int) -> List[dict]:
@@ -70,13 +66,14 @@ def measure(recipe, ranks: List[int], dtypes: List[str], fit_images: int, test_i
                 for kind in KINDS:
                     x = torch.cat(exact[name][kind])
                     width = x.shape[1]
-                    if reduced(rank, width):
+                    if reduced(rank, width):  # the basis is per cache, not per image: not counted
                         mean, basis = moments[f"{kind}.{name}"].basis(rank)
-                        back = reconstruct(decode(encode(project(x, mean, basis), dtype)), mean, basis)
-                        stored = _stored_bytes(len(x), rank, dtype)  # the basis is per cache, not per image
+                        parts = encode(project(x, mean, basis), dtype)
+                        back = reconstruct(decode(parts), mean, basis)
                     else:
-                        back = decode(encode(x, dtype))
-                        stored = _stored_bytes(len(x), width, dtype)
+                        parts = encode(x, dtype)
+                        back = decode(parts)
+                    stored = sum(p.numel() * p.element_size() for p in parts.values())
                     row[f"{kind}_cosine"] = float(torch.nn.functional.cosine_similarity(back, x, dim=-1).mean())
                     row[f"{kind}_width"] = width
                     row["bytes_per_image"] += stored / images_seen
@@ -139,9 +136,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = ap.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     dtypes = args.dtypes.split(",")
-    unknown = [d for d in dtypes if d not in DTYPE_BYTES]
+    unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
-        ap.error(f"--dtypes: {', '.join(unknown)} unknown; choose from {', '.join(DTYPE_BYTES)}")
+        ap.error(f"--dtypes: {', '.join(unknown)} unknown; choose from {', '.join(DTYPES)}")
     recipe = load_recipe(args.recipe, [*args.set, "teachers_from=live"])
     env = environment(resolve_device(recipe.train.device), REPO)
     start = time.perf_counter()

@@ -206,10 +206,12 @@ class TargetCache:
 
     def _stored(self, rows: torch.Tensor, kind: str, name: str, device: torch.device) -> torch.Tensor:
         rows = rows.to(device)
+        if self.bases and self.bases[next(iter(self.bases))].device != device:  # once, not every batch
+            self.bases = {k: v.to(device) for k, v in self.bases.items()}
         pair = basis_of(self.bases, kind, name)
         if pair is None:
             return rows
-        return reconstruct(rows, pair[0].to(device), pair[1].to(device))
+        return reconstruct(rows, *pair)
 
     @staticmethod
     def _row(shard, kind: str, r: int) -> torch.Tensor:
