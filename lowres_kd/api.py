@@ -8,6 +8,7 @@ import torch
 
 from .build import build_model, build_student
 from .config import recipe_from_dict
+from .lowmem import move_to
 from .model import InheritedModel
 from .rundir import checkpoint as ckpt
 from .teachers import TeacherSpec
@@ -35,7 +36,7 @@ def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> I
             continue
         if failures:
             print(f"lowres-kd: loaded {path} instead (the newest readable checkpoint)", file=sys.stderr)
-        return model.to(device).eval()
+        return move_to(model, device).eval()
     if len(found) == 1:
         raise ckpt.BadCheckpoint(failures[0])
     raise ckpt.BadCheckpoint(f"{run_or_checkpoint}: no readable checkpoint among {len(found)} "

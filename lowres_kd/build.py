@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional, Sequence
 
+import torch
+
 from .data import EvalTransform, ImageSource, TrainImages, TrainTransform, build_source
+from .lowmem import move_to, quantize_teacher
 from .model import InheritedModel, Student
 from .schema import Recipe, TeacherConfig
 from .teachers import Teacher, TeacherSpec, build_teacher, default_model
@@ -22,9 +25,14 @@ def student_backbone_config(recipe: Recipe, with_weights: bool = True) -> Teache
 
 
 def build_student(recipe: Recipe, load_weights: bool = True) -> Student:
-    """The student; with ``load_weights=False`` (or in scratch mode) from random weights."""
+    """The student; with ``load_weights=False`` (or in scratch mode) from random weights. In
+    adapter mode with the base teacher at 8 or 4 bits, the frozen base's linears are quantized
+    (on the CPU: move the model with ``lowmem.move_to``) before the adapter wraps them."""
     with_weights = load_weights and recipe.student.mode != "scratch"
-    return Student(build_teacher(student_backbone_config(recipe, with_weights)), recipe.student)
+    backbone = build_teacher(student_backbone_config(recipe, with_weights))
+    bits = recipe.student_base_bits
+    quantization = quantize_teacher(backbone, bits) if bits < 16 else None
+    return Student(backbone, recipe.student, quantization)
 
 
 def build_teachers(recipe: Recipe, names: Optional[Sequence[str]] = None) -> Dict[str, Teacher]:
@@ -49,9 +57,12 @@ def teacher_specs(recipe: Recipe, student: Student, teachers: Dict[str, Teacher]
             if names is None or t.name in names}
 
 
-def build_model(recipe: Recipe, student: Student, specs: Dict[str, TeacherSpec]) -> InheritedModel:
-    """The student with a pair of heads and normalisers per teacher, sized by ``specs``."""
-    return InheritedModel(student, specs, recipe.space.head_hidden, recipe.space.normalizer)
+def build_model(recipe: Recipe, student: Student, specs: Dict[str, TeacherSpec],
+                device: Optional[torch.device] = None) -> InheritedModel:
+    """The student with a pair of heads and normalisers per teacher, sized by ``specs``; moved to
+    ``device`` with ``move_to`` (a quantized base's bitsandbytes state moves too), else left where built."""
+    model = InheritedModel(student, specs, recipe.space.head_hidden, recipe.space.normalizer)
+    return model if device is None else move_to(model, device)
 
 
 class TrainingImages(NamedTuple):

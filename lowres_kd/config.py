@@ -285,9 +285,13 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
             need(t.family in bases, f"{k}.family", f"a family that can be the student's base: {', '.join(bases)}",
                  t.family)
         if r.inside_student(t):
-            need(t.bits == 16, f"{k}.bits", "16 for the base teacher in adapter mode (it is the student's own "
-                 "frozen backbone; quantizing it is not supported yet)", t.bits)
-            need(not t.offload, f"{k}.offload", "false for the base teacher in adapter mode (it is the student)", t.offload)
+            need(not t.offload, f"{k}.offload", "false for the base teacher in adapter mode: it is the student's own "
+                 "backbone, which runs forward and backward every step, so its blocks stay on the device (offload "
+                 "streams a frozen teacher's blocks through a no-grad forward); lower its bits to 8 or 4 instead",
+                 t.offload)
+            need(t.bits == 16 or r.engine != "deepspeed", "engine", "torch or auto with a quantized base in adapter "
+                 f"mode ({k}.bits={t.bits}): DeepSpeed casts and partitions every parameter of the student, "
+                 "bitsandbytes' int8/nf4 weights included", r.engine)
         w = t.weights
         if graph is None and w not in ("shipped", "hub", "none") and not _is_file(w):
             errors.append(f"{k}.weights: file not found: {w} (or use shipped | hub | none)")

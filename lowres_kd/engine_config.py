@@ -11,10 +11,13 @@ def deepspeed_installed() -> bool:
 
 def resolve_engine_name(recipe, device_type: str) -> str:
     """``engine: auto`` is DeepSpeed on CUDA when it is installed, else the plain torch engine
-    (DeepSpeed runs on CPU too, but compiles its ops on first use: ask for it by name)."""
+    (DeepSpeed runs on CPU too, but compiles its ops on first use: ask for it by name). A
+    quantized adapter-mode base gets the torch engine: DeepSpeed would cast and partition its
+    bitsandbytes weights (``config`` refuses ``engine: deepspeed`` with one)."""
     if recipe.engine != "auto":
         return recipe.engine
-    return "deepspeed" if device_type == "cuda" and deepspeed_installed() else "torch"
+    quantized_base = recipe.student_base_bits < 16
+    return "deepspeed" if device_type == "cuda" and deepspeed_installed() and not quantized_base else "torch"
 
 
 BUCKET = 2**24  # elements per ZeRO communication bucket

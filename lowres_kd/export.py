@@ -1,5 +1,8 @@
 """Export the trained backbone alone, LoRA merged, as a plain state dict (DESIGN §2.5).
 
+A base quantized under the adapter (8/4-bit) is exported in fp32: its weights as the quantized
+layers compute with them (int8 rows times their scales, nf4 blocks decoded) plus the LoRA delta.
+
 The file holds the family's own network (``teacher.net``): a timm model's keys for the timm
 family (``timm.create_model(name, pretrained_cfg_overlay=dict(file=...))`` or
 ``load_state_dict`` read it), torchvision's for MobileNetV2. It can also be named as a teacher's
@@ -20,6 +23,7 @@ from safetensors.torch import save_file
 
 from .api import load
 from .errors import UserError
+from .lowmem import dequantize_linears
 from .rundir import checkpoint as ckpt
 
 RUN_FOLDERS = ("model", "checkpoints", "cache")  # what lowres-kd itself writes and reads in a run
@@ -65,7 +69,11 @@ def export_backbone(run_or_checkpoint: str | Path, out: str | Path, force: bool 
     out = check_target(run_or_checkpoint, out, force)
     model = load(run_or_checkpoint)
     student = copy.deepcopy(model.student)
-    body = student.backbone.merge_and_unload() if student.mode == "adapter" else student.backbone
+    if student.mode == "adapter":
+        dequantize_linears(student.backbone)  # a quantized base: the delta is added to fp32 weights, not re-quantized
+        body = student.backbone.merge_and_unload()
+    else:
+        body = student.backbone
     state = {k: v.contiguous() for k, v in body.net.state_dict().items()}
     tmp = out.with_name(f".{out.name}.tmp")
     try:

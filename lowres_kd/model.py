@@ -2,18 +2,19 @@
 
 ``Student`` wraps a backbone of the base teacher's family in one of three modes (DESIGN §2.4):
 ``adapter`` (frozen base weights + peft LoRA; the base teacher's targets come from the same
-weights with the adapter disabled), ``full`` (every weight trains), ``scratch`` (random init).
+weights with the adapter disabled; the base may be 8/4-bit, QLoRA-style), ``full`` (every weight trains), ``scratch`` (random init).
 ``InheritedModel`` adds, per teacher, the heads and the fitted normalisers, and maps the
 student's features back into every teacher's raw space.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .lowmem import QuantReport
 from .schema import StudentConfig
 from .heads import TeacherHeads
 from .normalizers import build_normalizer
@@ -21,9 +22,12 @@ from .teachers import Features, Teacher, TeacherSpec
 
 
 class Student(nn.Module):
-    def __init__(self, backbone: Teacher, cfg: StudentConfig):
+    """``quantization``: the report of the frozen base's 8/4-bit linears (adapter mode), else None."""
+
+    def __init__(self, backbone: Teacher, cfg: StudentConfig, quantization: Optional[QuantReport] = None):
         super().__init__()
         self.mode = cfg.mode
+        self.quantization = quantization
         self.input_size = cfg.input_size or backbone.spec.input_size
         backbone.set_grad_checkpointing(cfg.grad_checkpointing)
         if self.mode == "adapter":

@@ -207,6 +207,13 @@ class Recipe:
     def base_teacher(self) -> TeacherConfig:
         return next(t for t in self.teachers if t.base)
 
+    @property
+    def student_base_bits(self) -> int:
+        """Bits of the student's frozen base: the base teacher's ``bits`` in adapter mode (8/4:
+        its linears are bitsandbytes layers under the LoRA adapter), else 16."""
+        base = next((t for t in self.teachers if t.base), None)
+        return base.bits if base is not None and self.student.mode == "adapter" else 16
+
     def inside_student(self, t: TeacherConfig) -> bool:
         """In adapter mode the base teacher is the student itself: its targets come from the
         student's own weights with the adapter disabled, and no second copy is built."""

@@ -11,11 +11,12 @@ from typing import Dict, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from .build import student_backbone_config
 from .data import BadImageReport, TrainImages, readable_images
 from .lowmem import check_fidelity, enable_offload, move_to, quantize_teacher, teacher_fidelity
 from .model import InheritedModel
 from .schema import Recipe
-from .teachers import Features, Teacher
+from .teachers import Features, Teacher, build_teacher
 
 FIDELITY_IMAGES = 8  # calibration images compared before and after quantizing a teacher
 MIN_CALIBRATION = 2  # readable images a normaliser needs at the least (space.calibration_images >= 2)
@@ -87,6 +88,10 @@ class TeacherTargets:
         them to the device. The full-precision features of a calibration batch are kept to check
         fidelity once the normalisers exist."""
         entries = {t.name: t for t in self.recipe.teachers}
+        student = self.model.student
+        for t in self.entries:
+            if self.recipe.inside_student(t) and student.quantization is not None:
+                self._reference_base(t.name, student.quantization)
         for name, teacher in self.teachers.items():
             t = entries[name]
             if t.bits < 16:  # full-precision reference on the CPU: the teacher may not fit the device
@@ -103,13 +108,26 @@ class TeacherTargets:
                 move_to(teacher, self.device)
         return self
 
+    def _reference_base(self, name: str, quantization) -> None:
+        """The quantized adapter-mode base's fidelity reference: the same weights at full
+        precision, built again on the CPU for one batch and dropped."""
+        reference = build_teacher(student_backbone_config(self.recipe)).freeze()
+        with torch.no_grad():
+            self.fidelity_reference[name] = reference(self.fidelity_images)
+        del reference
+        self.report[name] = {"quantization": quantization.summary()}
+        tqdm.write(f"teacher {name} (the student's base): {quantization.summary()}")
+
+    def _teacher_fn(self, name: str):
+        """What computes teacher ``name``: the student with its adapter disabled for the base in adapter mode."""
+        return self.model.student.base_features if name not in self.teachers else self.teachers[name]
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> Dict[str, Features]:
         """Every teacher's raw features on ``images``, in fp32."""
         out = {}
         for t in self.entries:
-            teacher = self.model.student.base_features if self.recipe.inside_student(t) else self.teachers[t.name]
-            f = run_teacher(teacher, images, self.teacher_dtype)
+            f = run_teacher(self._teacher_fn(t.name), images, self.teacher_dtype)
             out[t.name] = Features(f.global_.float(), f.dense.float())
         return out
 
@@ -158,7 +176,7 @@ class TeacherTargets:
         for name, reference in self.fidelity_reference.items():
             norms = (self.model.norm_global[name], self.model.norm_dense[name])
             with torch.no_grad():
-                candidate = self.teachers[name](self.fidelity_images.to(self.device))
+                candidate = self._teacher_fn(name)(self.fidelity_images.to(self.device))
             report = teacher_fidelity(reference, candidate, normalisers=norms)
             raw = teacher_fidelity(reference, candidate)
             self.report[name].update(fidelity_normalised=report.as_dict(), fidelity_raw=raw.as_dict())

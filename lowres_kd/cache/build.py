@@ -62,7 +62,7 @@ def _prepare(recipe: Recipe, progress: bool):
     data = training_images(recipe)
     names = [t.name for t in recipe.cached_teachers]
     student, teachers = build_student_and_teachers(recipe, names=names)
-    model = build_model(recipe, student, teacher_specs(recipe, student, teachers, names)).to(device)
+    model = build_model(recipe, student, teacher_specs(recipe, student, teachers, names), device)
     targets = TeacherTargets(recipe, model, teachers, device, data.calibration,
                              bf16=device.type == "cuda" and recipe.train.bf16, progress=progress,
                              run_dir=recipe.run_dir, names=names).prepare()

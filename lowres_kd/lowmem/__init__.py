@@ -9,6 +9,7 @@ of where a module keeps its tensors (``tensors``, which knows bitsandbytes' hidd
 
 Move a quantized teacher with ``move_to(teacher, device)``, not ``.to(device)``.
 """
+from .bnb_state import dequantize_linears
 from .fidelity import FidelityError, FidelityReport, check_fidelity, teacher_fidelity
 from .offload import BlockOffloader, OffloadStats, disable_offload, enable_offload, find_blocks
 from .quantize import BITS, QuantReport, quantize_teacher, resolve_compute_dtype
@@ -16,6 +17,6 @@ from .tensors import UnsupportedLayerError, module_device, move_to, tensor_bytes
 
 __all__ = [
     "BITS", "BlockOffloader", "FidelityError", "FidelityReport", "OffloadStats", "QuantReport",
-    "UnsupportedLayerError", "check_fidelity", "disable_offload", "enable_offload", "find_blocks",
+    "UnsupportedLayerError", "check_fidelity", "dequantize_linears", "disable_offload", "enable_offload", "find_blocks",
     "module_device", "move_to", "quantize_teacher", "resolve_compute_dtype", "teacher_fidelity", "tensor_bytes",
 ]

@@ -33,6 +33,9 @@ Moving: bitsandbytes quantizes a layer when it is moved with ``.to(device)``; ea
 moved on its own, so the device holds at most one extra full-precision layer at a time, then
 the rest of the teacher is moved with ``lowmem.move_to`` (``Module.to`` on a parent leaves
 ``Linear8bitLt``'s int8 state behind: move quantized teachers with ``move_to``).
+
+Saving: every new layer carries the load hooks of ``bnb_state``, so a module holding them (the
+student, when its adapter-mode base is quantized) loads its own ``state_dict`` back exactly.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .bnb_state import add_load_hooks
 from .tensors import bnb_kind, group_slots, is_bnb_module, move_to, settle_bnb, tensor_bytes, tensor_key, tensor_slots
 
 BITS = (4, 8, 16)
@@ -136,7 +140,7 @@ def _make_int8(lin: nn.Linear, device: torch.device) -> nn.Module:
         q.bias = nn.Parameter(lin.bias.detach().to("cpu"), requires_grad=False)
     q = q.to(device)  # bitsandbytes quantizes here
     settle_bnb(q)
-    return q
+    return add_load_hooks(q)
 
 
 def _make_nf4(lin: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
@@ -152,7 +156,7 @@ def _make_nf4(lin: nn.Linear, device: torch.device, compute_dtype: torch.dtype) 
     q = q.to(device)  # bitsandbytes quantizes here
     if q.weight.quant_state is None:
         raise RuntimeError("bitsandbytes did not quantize the layer on .to(device)")
-    return q
+    return add_load_hooks(q)
 
 
 def _linear_sites(module: nn.Module) -> List[Tuple[nn.Module, str, str, nn.Module]]:

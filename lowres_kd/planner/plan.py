@@ -9,9 +9,9 @@ first, keeping each one that lowers the estimate and stopping as soon as it fits
    is kept: each time the largest divisor of it at most half the last), down to 4 (or the
    recipe's own if smaller);
 2. gradient checkpointing of the student (recomputes its forward in backward: ~30 % more compute);
-3. teachers to 8 bits, largest first (the base teacher in adapter mode is the student itself and
-   cannot be quantized, ``config.py`` refuses it); then 4. to 4 bits (more fidelity risk: the
-   trainer's fidelity check still applies);
+3. teachers to 8 bits, largest first (not the base teacher in adapter mode: it is the student
+   itself, and quantizing it changes what trains; a recipe may set its bits, and the plan counts
+   them); then 4. to 4 bits (more fidelity risk: the trainer's fidelity check still applies);
 5. teacher offload, largest resident first (blocks stream from CPU memory every forward);
 6. DeepSpeed ZeRO stage 1, 2, 3, each kept if it lowers the estimate (partitioning pays off
    with several ranks; at one rank stage 1 avoids stage 2's reduction bucket);
@@ -166,7 +166,11 @@ def estimate(recipe: Recipe, prof: RecipeProfile, gpu_mem: int, world_size: int 
     both = engine_state(prof.trainable + prof.heads, prof.frozen_numel, prof.largest_layer, s)
     if prof.frozen_numel:
         dev, cpu, how = student["frozen"]
-        comps.append(Component("student frozen weights", dev + prof.frozen_fixed_bytes, cpu, "always",
+        dev += prof.frozen_fixed_bytes
+        bits = recipe.student_base_bits
+        if bits < 16:  # bitsandbytes linears under the adapter (the torch engine: config refuses DeepSpeed)
+            dev, how = prof.frozen.nbytes(bits, 4), f"{bits}-bit linears, the rest fp32"
+        comps.append(Component("student frozen weights", dev, cpu, "always",
                                f"{prof.frozen_numel / 1e6:.1f}M, {how} (the base, in adapter mode)"))
     n_student, n_heads = sum(prof.trainable), sum(prof.heads)
     comps.append(Component("student trainable params", *student["params"][:2], "always",
@@ -326,7 +330,7 @@ def _teacher_bits(bits: int):
             return
         for i in _teacher_order(search):
             t = search.recipe.teachers[i]
-            if t.bits > bits and not is_graph_teacher(t.family):
+            if t.bits > bits and not is_graph_teacher(t.family) and not search.recipe.inside_student(t):
                 yield f"teacher {t.name} to {bits} bits", {f"teachers.{i}.bits": bits}
     return moves
 
@@ -334,7 +338,7 @@ def _teacher_bits(bits: int):
 def _teacher_offload(search: _Search):
     for i in _teacher_order(search):
         t = search.recipe.teachers[i]
-        if not t.offload and not is_graph_teacher(t.family):
+        if not t.offload and not is_graph_teacher(t.family) and not search.recipe.inside_student(t):
             yield f"teacher {t.name} offloaded", {f"teachers.{i}.offload": True}
 
 

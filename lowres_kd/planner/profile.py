@@ -5,7 +5,8 @@ the normalisers and every teacher as the trainer does, but on ``meta`` with ``we
 real architectures, no memory, no weight files. From them it reads
 
 - parameter counts per module and dtype: trainable (LoRA or backbone, heads), frozen (the base in
-  adapter mode), each teacher split into its offload blocks and its quantizable linears;
+  adapter mode, its linears apart: they are counted at the base's bits), each teacher split into
+  its offload blocks and its quantizable linears;
 - activation bytes of one training micro-step (``memtrack.LiveBytes``), with and without
   gradient checkpointing: what the student's forward keeps for backward, what the heads keep,
   what the loss keeps, the working memory above that at the step's peak, and how many parameter
@@ -111,14 +112,23 @@ class RecipeProfile:
     loss_backend: str  # torch (the eager reference) | triton (the fused kernel)
     trainable: List[int]  # element count of each trainable student tensor (LoRA, or the backbone)
     heads: List[int]  # element count of each head tensor (all train)
-    frozen_numel: int  # frozen floating elements of the student (the base in adapter mode)
-    frozen_fixed_bytes: int  # non-floating student buffers
+    frozen: Weights  # the student's frozen tensors (the base in adapter mode), its linears apart
     largest_layer: int  # most parameters in one module (ZeRO-3 gathers a layer at a time)
     normaliser_bytes: int
     teachers: List[TeacherProfile]
     notes: List[str] = field(default_factory=list)
     measure_step: Optional[Callable[[bool, int], StepProfile]] = field(default=None, repr=False)
     _steps: Dict[Tuple[bool, int], StepProfile] = field(default_factory=dict, repr=False)
+
+    @property
+    def frozen_numel(self) -> int:
+        """Frozen floating elements of the student (the base in adapter mode)."""
+        return self.frozen.numel
+
+    @property
+    def frozen_fixed_bytes(self) -> int:
+        """Non-floating student buffers."""
+        return self.frozen.fixed_bytes
 
     def step(self, checkpointing: bool, batch: int) -> StepProfile:
         """The micro-step with or without gradient checkpointing at this micro-batch (measured once)."""
@@ -154,6 +164,23 @@ def _weights_of(module: nn.Module, skip: Tuple[nn.Module, ...] = ()) -> Weights:
             w.linears.append((m.out_features, m.in_features, m.bias is not None))
             own = [t for t in m._buffers.values() if t is not None]
         for t in own:
+            if t.is_floating_point():
+                w.float_numel += t.numel()
+            else:
+                w.fixed_bytes += t.numel() * t.element_size()
+    return w
+
+
+def frozen_weights(student: nn.Module) -> Weights:
+    """The student's frozen tensors: the base's linears (what ``quantize_teacher`` swaps when the
+    base has 8/4 bits; the adapter's own LoRA linears train) and the rest, buffers included."""
+    w = Weights()
+    for m in student.modules():
+        own = [p for p in m._parameters.values() if p is not None and not p.requires_grad]
+        if type(m) is nn.Linear and not m.weight.requires_grad:
+            w.linears.append((m.out_features, m.in_features, m.bias is not None))
+            own = []
+        for t in own + [b for b in m._buffers.values() if b is not None]:
             if t.is_floating_point():
                 w.float_numel += t.numel()
             else:
@@ -315,14 +342,12 @@ def _measure_recipe(recipe: Recipe, device_type: str, engine: str) -> RecipeProf
     loss_fn = make_loss_fn(recipe, backend)
     specs = model.specs
     student_params = list(model.student.parameters())
-    frozen = [p for p in student_params if not p.requires_grad] + [b for b in model.student.buffers()]
     trained = nn.ModuleList([model.student, model.heads])
     prof = RecipeProfile(
         device_type=device_type, engine=engine, bf16=bf16, loss_backend=backend,
         trainable=[p.numel() for p in student_params if p.requires_grad],
         heads=[p.numel() for p in model.heads.parameters()],
-        frozen_numel=sum(t.numel() for t in frozen if t.is_floating_point()),
-        frozen_fixed_bytes=sum(t.numel() * t.element_size() for t in frozen if not t.is_floating_point()),
+        frozen=frozen_weights(model.student),
         largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in trained.modules()),
         normaliser_bytes=_normaliser_bytes(model),
         teachers=[], notes=notes,

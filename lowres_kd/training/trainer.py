@@ -200,7 +200,7 @@ class Trainer:
             else:
                 raise FileNotFoundError(f"teacher {t.name!r} is not in the cache at {r.cache_dir}; rebuild it "
                                         f"(lowres-kd cache RECIPE) or set its cache: false to run it live")
-        self.model = build_model(r, student, specs).to(self.device)
+        self.model = build_model(r, student, specs, self.device)
         self.targets = TeacherTargets(r, self.model, self.teachers, self.device, self.calibration, bf16=self.bf16,
                                       progress=self.progress, is_main=self.dist.is_main, run_dir=self.run_dir,
                                       names=live).prepare()

@@ -113,4 +113,4 @@ def test_deepspeed_partitions_over_ranks(tiny_recipe):
 
 def test_apply_validates(recipe):
     with pytest.raises(RecipeError):
-        apply_changes(recipe, {"teachers.0.bits": 8})  # the adapter-mode base is the student: refused
+        apply_changes(recipe, {"teachers.0.offload": True})  # the adapter-mode base is the student: refused

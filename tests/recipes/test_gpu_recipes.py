@@ -13,6 +13,7 @@ from lowres_kd.units import parse_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("vitb_dinov2_clip_sam_*gb.yaml"))
+QLORA = REPO / "recipes" / "vitl_dinov2_4bit_lora_clip_sam_8gb.yaml"
 EXPECTED = re.compile(r"GPU peak ([0-9.]+) GiB .* CPU memory ([0-9.]+) GiB.*about ([0-9]+) images/s", re.S)
 
 
@@ -31,13 +32,30 @@ def test_recipe_fits_its_budget_as_written_and_says_so(path):
     # the students and teachers the issue asks for
     assert recipe.student.mode == "full" and recipe.student.model.startswith("vit_base_patch14_dinov2")
     assert [(t.family, t.base) for t in recipe.teachers] == [("dinov2", True), ("clip", False), ("sam", False)]
-    # the comment at the top quotes the planner (regenerate it when the planner changes)
+    assert_quotes_the_planner(path, plan)
+
+
+def assert_quotes_the_planner(path, plan):
+    """The comment at the top quotes the planner (regenerate it when the planner changes)."""
     found = EXPECTED.search(path.read_text())
     assert found, "the recipe's comment must quote the planner's GPU peak, CPU memory and images/s"
     gpu, cpu, ips = float(found.group(1)), float(found.group(2)), int(found.group(3))
     assert gpu == pytest.approx(plan.device_total_bytes / 2**30, abs=0.02)
     assert cpu == pytest.approx(plan.cpu_total_bytes / 2**30, abs=0.02)
     assert ips == pytest.approx(plan.images_per_s, abs=1.0)
+
+
+def test_the_4bit_adapter_recipe_fits_8gb_with_the_base_counted_at_4_bits():
+    recipe = load_recipe(QLORA)
+    assert recipe.student.mode == "adapter" and recipe.student_base_bits == 4
+    assert [(t.family, t.base, t.bits) for t in recipe.teachers] == [("dinov2", True, 4), ("clip", False, 8),
+                                                                      ("sam", False, 8)]
+    assert recipe.teachers[0].model.startswith("vit_large_patch14_dinov2")
+    plan = plan_recipe(recipe, parse_bytes("8GB"), world_size=1, device_type="cuda")
+    assert plan.fits and plan.changes == {} and plan.engine == "torch", plan.table()
+    frozen = {c.name: c.device for c in plan.estimate.components}["student frozen weights"]
+    assert 0.12 * 2**30 < frozen < 0.2 * 2**30  # 304M weights in nf4, not 1.13 GiB of fp32
+    assert_quotes_the_planner(QLORA, plan)
 
 
 def test_smaller_budgets_trade_speed_for_memory():
@@ -115,4 +133,30 @@ def test_eight_gb_recipe_trains_a_step_on_cpu(tmp_path, weight_files):
     report = json.loads((tmp_path / "run" / "teachers.json").read_text())
     for name in ("dinov2", "clip", "sam"):  # every teacher int8, checked against full precision
         assert "8-bit" in report[name]["quantization"] and report[name]["fidelity_raw"]["cos_min"] > 0.99
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_4bit_adapter_recipe_trains_a_step_on_cpu(tmp_path, weight_files):
+    """The DINOv2-L base in nf4 under LoRA, CLIP-L and SAM-B in int8, one tiny step on CPU from
+    local random-weight files. Random weights: fidelity floors off."""
+    import json
+
+    from lowres_kd.lowmem.tensors import bnb_kind
+    from lowres_kd.training.trainer import Trainer
+
+    files, _ = weight_files
+    tiny = ["train.steps=1", "train.batch_size=1", "train.grad_accum=1", "space.calibration_images=2",
+            "data.fashion_mnist=0", "data.num_workers=0", f"output_dir={tmp_path}/run"]
+    tiny += [f"teachers.{i}.min_fidelity=0" for i in range(3)]
+    tiny += [f"teachers.{i}.weights={files[k]}" for i, k in enumerate(("dinov2", "clip", "sam"))]
+    trainer = Trainer(load_recipe(QLORA, tiny), progress=False).setup()
+    last = trainer.train()
+    assert torch.isfinite(torch.tensor(last["loss"])) and last["grad_norm"] > 0
+    student = trainer.model.student
+    kinds = [bnb_kind(m) for m in student.body.modules() if bnb_kind(m) is not None]
+    assert len(kinds) == 4 * 24 and set(kinds) == {"nf4"}  # qkv, proj, fc1, fc2 of 24 blocks
+    assert all("lora_" in n for n, p in student.named_parameters() if p.requires_grad)
+    report = json.loads((tmp_path / "run" / "teachers.json").read_text())
+    assert report["dinov2"]["quantization"].startswith("4-bit") and "fidelity_raw" in report["dinov2"]
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
