@@ -6,7 +6,10 @@ For each bit width of the recipe's base teacher (the student's own frozen backbo
                   and its ratio to the fp32 base
   cosine          the base's global and dense features (adapter disabled) against the fp32 base's
                   on the recipe's first --images centre-cropped training images (raw feature space)
-  images/s        the recipe's training step, median after the first --warmup steps
+  student step    the student's own forward + backward on one batch (LoRA on the base, no teachers,
+                  no heads): its peak tensor bytes (the student's tensors + what the step allocates,
+                  counted by ``planner.memtrack.LiveBytes``, the same on CPU and GPU) and images/s
+  images/s        the recipe's whole training step (teachers, heads, loss), median after the first --warmup steps
                   (``benchmarks/bench_train.py``'s worker: the real trainer in a fresh subprocess)
   peak memory     GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, Python,
                   teachers and libraries included (only differences between rows mean anything)
@@ -21,6 +24,7 @@ Writes qlora[_<tag>]_<device>.json / .md / .png under --out.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +43,7 @@ from lowres_kd.build import build_student, student_backbone_config, training_ima
 from lowres_kd.config import load_recipe  # noqa: E402
 from lowres_kd.data import collate_images  # noqa: E402
 from lowres_kd.lowmem import move_to, teacher_fidelity, tensor_bytes  # noqa: E402
+from lowres_kd.planner.memtrack import LiveBytes  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
 from lowres_kd.teachers import build_teacher  # noqa: E402
 
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=6, help="training steps per bit width")
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of images/s")
     p.add_argument("--images", type=int, default=16, help="images for the feature cosine")
+    p.add_argument("--repeats", type=int, default=3, help="timed student steps per bit width")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override for every row")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--timeout", type=int, default=900, help="seconds per training row")
@@ -66,8 +72,32 @@ def base_index(recipe) -> int:
     return next(i for i, t in enumerate(recipe.teachers) if t.base)
 
 
-def feature_rows(recipe_path: Path, overrides: List[str], n_images: int, device: torch.device) -> List[Dict]:
-    """Bytes and feature cosine of the base at each bit width, against the fp32 base."""
+def student_step(student, images: torch.Tensor, repeats: int):
+    """(peak bytes the student's forward + backward allocate, median seconds of one): the
+    adapter's step on the base alone, without teachers, heads or data loading."""
+    student.train()
+
+    def step():
+        feats = student(images)
+        (feats.global_.square().mean() + feats.dense.square().mean()).backward()
+        student.zero_grad(set_to_none=True)
+
+    with LiveBytes() as live:  # every tensor the step creates, gradients included
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return live.peak, statistics.median(times)
+
+
+def feature_rows(recipe_path: Path, overrides: List[str], n_images: int, device: torch.device,
+                 repeats: int) -> List[Dict]:
+    """Bytes and feature cosine of the base at each bit width, against the fp32 base, and the
+    student's own step on it."""
     recipe = load_recipe(recipe_path, overrides)
     i = base_index(recipe)
     calibration = training_images(recipe).calibration
@@ -84,8 +114,11 @@ def feature_rows(recipe_path: Path, overrides: List[str], n_images: int, device:
                                                       if p.requires_grad)  # the LoRA adapter apart
         got = student.base_features(images)
         fid = teacher_fidelity(want, got)
+        peak, seconds = student_step(student, images[:recipe.train.batch_size], repeats)
         rows.append({"bits": bits, "base_mib": base_bytes / 2**20, "base_vs_fp32": base_bytes / fp32_bytes,
-                     "cos_global": fid.cos_global, "cos_dense": fid.cos_dense, "images": fid.images})
+                     "cos_global": fid.cos_global, "cos_dense": fid.cos_dense, "images": fid.images,
+                     "student_step_peak_mib": (tensor_bytes(student) + peak) / 2**20,
+                     "student_images_per_s": len(images[:recipe.train.batch_size]) / seconds})
         del student
     return rows
 
@@ -109,6 +142,8 @@ def merge(features: List[Dict], training: List[Dict]) -> List[Dict]:
     rows = [{**f, **t} for f, t in zip(features, training)]
     ref = next((r for r in rows if r["bits"] == 16 and r.get("fits")), None)
     for r in rows:
+        r["step_peak_vs_16"] = r["student_step_peak_mib"] / rows[0]["student_step_peak_mib"]
+        r["student_speed_vs_16"] = r["student_images_per_s"] / rows[0]["student_images_per_s"]
         if ref and r.get("fits"):
             r["speed_vs_16"] = r["images_per_s"] / ref["images_per_s"]
             r["peak_mem_vs_16"] = r["peak_mem_gib"] / ref["peak_mem_gib"]
@@ -123,12 +158,15 @@ def write_markdown(path: Path, env: Dict, rows: List[Dict], note: str) -> None:
     lines = [f"# Adapter-mode base at 16 / 8 / 4 bits ({env['device_name']})", "",
              f"torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, peft {env['peft']}, git {env['git_sha']}", "",
              note, "",
-             "| base | MiB | vs fp32 | cos global | cos dense | images/s | vs 16-bit | peak GiB | vs 16-bit |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| base | MiB | vs fp32 | cos global | cos dense | student step peak MiB | vs 16-bit | "
+             "student step images/s | vs 16-bit | training images/s | vs 16-bit | process peak GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['bits']}-bit | {r['base_mib']:.2f} | {r['base_vs_fp32']:.3f} | {r['cos_global']:.4f} | "
-                     f"{r['cos_dense']:.4f} | {_fmt(r.get('images_per_s'), '.2f')} | {_fmt(r.get('speed_vs_16'), '.2f')} | "
-                     f"{_fmt(r.get('peak_mem_gib'), '.2f')} | {_fmt(r.get('peak_mem_vs_16'), '.2f')} |")
+                     f"{r['cos_dense']:.4f} | {r['student_step_peak_mib']:.0f} | {_fmt(r.get('step_peak_vs_16'), '.2f')} | "
+                     f"{r['student_images_per_s']:.2f} | {_fmt(r.get('student_speed_vs_16'), '.2f')} | "
+                     f"{_fmt(r.get('images_per_s'), '.2f')} | {_fmt(r.get('speed_vs_16'), '.2f')} | "
+                     f"{_fmt(r.get('peak_mem_gib'), '.2f')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -146,8 +184,8 @@ def write_plot(path: Path, env: Dict, rows: List[Dict], note: str) -> None:
     axes[1].plot(labels, [r["cos_dense"] for r in rows], "s-", label="dense")
     axes[1].set_ylabel("cosine to the fp32 base")
     axes[1].legend()
-    axes[2].bar(labels, [r.get("images_per_s") or 0 for r in rows], color="tab:green")
-    axes[2].set_ylabel("training images/s")
+    axes[2].bar(labels, [r["student_step_peak_mib"] for r in rows], color="tab:green")
+    axes[2].set_ylabel("student step peak MiB")
     fig.suptitle(f"adapter-mode base, {env['device_name']} ({note[:110]})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -159,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device, REPO, modules=("bitsandbytes", "peft", "timm"))
     t0 = time.perf_counter()
-    features = feature_rows(args.recipe, args.overrides, args.images, device)
+    features = feature_rows(args.recipe, args.overrides, args.images, device, args.repeats)
     rows = merge(features, train_rows(args.recipe, args.overrides, args))
     note = (f"{args.recipe.name}, cosine on {features[0]['images']} images (raw features, adapter disabled, vs the "
             f"fp32 base), {args.steps} training steps a row, images/s = median after {args.warmup} warm-up step(s)"
