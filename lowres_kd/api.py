@@ -50,7 +50,8 @@ def _load_checkpoint(path: Path) -> InheritedModel:
         specs = {n: TeacherSpec.from_dict(s) for n, s in meta["specs"].items()}
         model = build_model(recipe, build_student(recipe, load_weights=False), specs)
         model.load_state_dict(tensors["model"])
-    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:  # a state.json or tensors not of a run
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, AssertionError) as exc:
+        # a state.json or tensors not of a run (bitsandbytes asserts on a garbled nf4 state)
         raise ckpt.BadCheckpoint(f"{path} does not hold a run's model ({type(exc).__name__}: {exc})") from exc
     model.requires_grad_(False)
     return model

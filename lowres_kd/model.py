@@ -52,11 +52,18 @@ class Student(nn.Module):
 
     @torch.no_grad()
     def base_features(self, images: torch.Tensor) -> Features:
-        """The base teacher's own features: the same weights with the adapter disabled."""
+        """The base teacher's features: the same (possibly 8/4-bit) weights with the adapter
+        disabled, always in eval mode (bitsandbytes' int8 layers compute differently in training
+        mode on a CPU; the targets must not depend on when they are asked for)."""
         if self.mode != "adapter":
             raise RuntimeError("base_features needs student.mode 'adapter'")
-        with self.backbone.disable_adapter():
-            return self.body(images)
+        was = self.training
+        self.eval()
+        try:
+            with self.backbone.disable_adapter():
+                return self.body(images)
+        finally:
+            self.train(was)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -86,7 +86,8 @@ class TeacherTargets:
     def prepare(self) -> "TeacherTargets":
         """Quantize (``bits``) and offload (``offload``) teachers as their entries ask and move
         them to the device. The full-precision features of a calibration batch are kept to check
-        fidelity once the normalisers exist."""
+        fidelity once the normalisers exist; for a base quantized under the adapter (quantized
+        when the student was built) that reference comes from its weights built again in fp32."""
         entries = {t.name: t for t in self.recipe.teachers}
         student = self.model.student
         for t in self.entries:

@@ -4,8 +4,9 @@ Subjects: ``student`` (the trained run), ``student->name`` (its features adapted
 ``name`` through the heads, in that teacher's raw space), ``teacher:<name>`` (each teacher's own
 features),
 ``student@init`` (the student's architecture and dense tap with the base weights, before any
-training: separates what the tap gives from what training gives) and ``scratch`` (the same
-architecture, random weights).
+training: separates what the tap gives from what training gives; a base quantized under the
+adapter at its bits, as the student started) and ``scratch`` (the same architecture, random
+weights). ``teacher:<base>`` is the base at full precision.
 
 ``sizes`` (``lowres-kd probe RUN --sizes 112,160,224``) scores every probe at each input size: the
 probe images at that size, the student (and ``student@init`` / ``scratch``, its architecture)
@@ -27,6 +28,7 @@ from ..api import load
 from ..config import RecipeError, apply_overrides, probe_problems, recipe_from_dict
 from ..device import resolve_device
 from ..errors import UserError
+from ..lowmem import quantize_teacher
 from ..probes import PROBES, ProbeContext
 from ..probes.base import JointSubjects, Subject
 from ..provenance import environment
@@ -68,7 +70,11 @@ def build_subjects(model, teachers: Dict[str, Teacher], recipe, device: torch.de
     subjects: Dict[str, Subject] = dict(JointSubjects(model).members())
     for name, teacher in teachers.items():
         subjects[f"teacher:{name}"] = teacher
-    init = teachers[base.name] if recipe.student.mode != "scratch" else build_teacher(base).freeze().to(device)
+    if recipe.student_base_bits < 16:  # the student started from the quantized base, not this fp32 one
+        init = build_teacher(base).freeze()
+        quantize_teacher(init, recipe.student_base_bits, device=device)
+    else:
+        init = teachers[base.name] if recipe.student.mode != "scratch" else build_teacher(base).freeze().to(device)
     if size != init.spec.input_size:  # the teacher itself stays at its own size
         init = _backbone_at(init, size)
     subjects["student@init"] = _tapped(init, size)

@@ -27,7 +27,12 @@ from torch import nn
 from .tensors import bnb_kind, is_bnb_module
 
 
-def _int8_expose_scales(module, state_dict, prefix, *args) -> None:
+def _int8_expose_scales(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    saved = state_dict.get(prefix + "weight")
+    if saved is not None and (saved.dtype != torch.int8 or prefix + "SCB" not in state_dict):
+        errors.append(f"{prefix}weight: the saved layer is not int8 with row scales ({saved.dtype}, "
+                      f"SCB {'present' if prefix + 'SCB' in state_dict else 'missing'}): a full-precision state "
+                      "cannot load into an 8-bit base (quantize it again from the weights)")
     if module.weight.SCB is None and module.state.SCB is not None:
         module.weight.SCB = module.state.SCB  # bitsandbytes copies the saved scales into this tensor
 
@@ -37,13 +42,16 @@ def _int8_settle_scales(module, incompatible_keys) -> None:
         module.weight.SCB = None  # settled again: the scales live on layer.state only
 
 
-def _nf4_load_quant_state(module, state_dict, prefix, *args) -> None:
+def _nf4_load_quant_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
     from bitsandbytes.functional import QuantState
 
     key = prefix + "weight."
     saved: Dict[str, torch.Tensor] = {k[len(key):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(key)}
     if not saved:
-        return  # a state dict without quantization state: the layer keeps its own (strict loads name the gap)
+        if prefix + "weight" in state_dict:
+            errors.append(f"{prefix}weight: the saved layer has no nf4 quantization state (weight.absmax, "
+                          "weight.quant_map, ...): a full-precision state cannot load into a 4-bit base")
+        return
     state = QuantState.from_dict(saved, device=module.weight.device)
     module.weight.quant_state = state
     if getattr(module, "quant_state", None) is not None:

@@ -71,6 +71,12 @@ def test_the_adapter_trains_on_a_frozen_quantized_base(trained):
 
     images = torch.rand(2, 3, 64, 64)
     trainer.model.train()
+    in_training = student.base_features(images)  # targets do not depend on the mode (bitsandbytes' do)
+    assert student.training
+    trainer.model.eval()
+    in_eval = student.base_features(images)
+    assert torch.equal(in_training.global_, in_eval.global_) and torch.equal(in_training.dense, in_eval.dense)
+    trainer.model.train()
     loss, _ = trainer._loss_step(images)
     loss.backward()
     assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in trainable.values())
@@ -160,3 +166,13 @@ def test_a_base_below_its_fidelity_floor_names_the_next_bits(tmp_path):
     with pytest.raises(Exception, match=r"teacher 'dino' at 4 bits: feature cosine .* below min_fidelity=0.999; "
                                         r"try bits=8 for this teacher"):
         Trainer(recipe_from_dict(data), progress=False).setup()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_full_precision_state_does_not_load_into_a_quantized_base(tmp_path, bits):
+    """A state dict of another precision has the same keys and shapes an int8 layer has: refused by name."""
+    plain = build_student(recipe_from_dict(qlora_dict(tmp_path / "run", 16))).state_dict()
+    quantized = build_student(recipe_from_dict(qlora_dict(tmp_path / "run", bits)))
+    with pytest.raises(RuntimeError, match=r"net.blocks.0.attn.qkv.base_layer.weight: the saved layer (is not int8 "
+                                           r"with row scales|has no nf4 quantization state)"):
+        quantized.load_state_dict(plain)
