@@ -6,7 +6,7 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 
-from .data import EvalTransform, ImageSource, TrainImages, TrainTransform, build_source
+from .data import EvalTransform, ImageSource, TrainImages, TrainTransform, build_source, split_holdout
 from .lowmem import move_to, quantize_teacher
 from .model import InheritedModel, Student
 from .schema import Recipe, TeacherConfig
@@ -73,6 +73,6 @@ class TrainingImages(NamedTuple):
 
 def training_images(recipe: Recipe) -> TrainingImages:
     d, seed = recipe.data, recipe.train.seed
-    source = build_source(d.source, fashion_mnist=d.fashion_mnist)
+    source, _ = split_holdout(build_source(d.source, fashion_mnist=d.fashion_mnist), d.holdout)
     augmented = TrainImages(source, TrainTransform(d.image_size, scale=(d.crop_scale_min, 1.0), hflip=d.hflip), seed=seed)
     return TrainingImages(source, augmented, TrainImages(source, EvalTransform(d.image_size), seed=seed))

@@ -357,6 +357,9 @@ def _check_values(r: Recipe, errors: List[str]) -> None:
     need(0 <= d.fashion_mnist <= MAX_FASHION_MNIST, "data.fashion_mnist",
          f">= 0 and <= {MAX_FASHION_MNIST} (the training set's size)", d.fashion_mnist)
     need(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", f">= 0 and <= {MAX_WORKERS}", d.num_workers)
+    need(len(set(d.holdout)) == len(d.holdout), "data.holdout", "distinct image names", d.holdout)
+    need(r.probe.images != "holdout" or len(d.holdout) > 0, "probe.images",
+         "without data.holdout: 'holdout' needs the names of data.source images training never sees", r.probe.images)
     o = r.optim
     need(0 < o.lr <= MAX_WEIGHT, "optim.lr", f"> 0 and <= {MAX_WEIGHT:g}", o.lr)
     need(0 <= o.weight_decay <= MAX_WEIGHT, "optim.weight_decay", f">= 0 and <= {MAX_WEIGHT:g}", o.weight_decay)
@@ -391,8 +394,8 @@ def _check_probe(p: ProbeConfig, errors: List[str]) -> None:
     for i, spec in enumerate(p.data):
         need(spec in PROBE_SETS or _is_dir(spec), f"probe.data[{i}]",
              f"one of {', '.join(PROBE_SETS)} or an existing folder", spec)
-    need(p.images in ("", "embedded") or _is_dir(p.images), "probe.images",
-         "'' (the defaults), 'embedded' or an existing folder", p.images)
+    need(p.images in ("", "embedded", "holdout") or _is_dir(p.images), "probe.images",
+         "'' (the defaults), 'holdout' (data.holdout), 'embedded' or an existing folder", p.images)
     need(4 <= p.edge_images <= MAX_IMAGES, "probe.edge_images",
          f"an integer >= 4 (half fit, half scored, 2-fold CV) and <= {MAX_IMAGES}", p.edge_images)
     need(0 <= p.image_size <= MAX_SIZE, "probe.image_size", f"0 (data.image_size) or a size <= {MAX_SIZE}", p.image_size)

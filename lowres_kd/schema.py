@@ -93,6 +93,9 @@ class DataConfig:
     crop_scale_min: float = 0.35  # random resized crop: smallest area fraction
     hflip: bool = True
     fashion_mnist: int = 64  # Fashion-MNIST images added to the embedded set
+    # names of source images training and calibration never see (skimage:coffee, a relative
+    # path): the probes' unseen images with probe.images: holdout
+    holdout: List[str] = field(default_factory=list)
     num_workers: int = 0
 
 
@@ -166,7 +169,7 @@ class ProbeConfig:
     segmentation_test: int = 32  # images scored by the segmentation probe (at most, in a folder)
     segmentation_steps: int = 100  # full-batch Adam steps of its 1x1 classifier
     # images of the label-free probes: "" (edges: data.source; fidelity: the first probe.data set's
-    # scored images), "embedded" or a folder the student never trained on
+    # scored images), "holdout" (data.holdout), "embedded" or a folder the student never trained on
     images: str = ""
     edge_images: int = 16  # images for the edge probe (half fit, half score)
     fidelity_images: int = 16

@@ -32,7 +32,7 @@ OUT_OF_RANGE = {
     "loss.distance": "l2", "loss.alpha": -0.1, "loss.beta": -1.0, "loss.global_weight": -1.0,
     "loss.dense_weight": -1.0, "loss.teacher_drop": 1.0, "loss.kernels": "cuda",
     "data.source": "/no/such/folder", "data.image_size": 16, "data.crop_scale_min": 0.0, "data.fashion_mnist": -1,
-    "data.num_workers": -1,
+    "data.num_workers": -1, "data.holdout": ["skimage:coffee", "skimage:coffee"],
     "optim.lr": 0.0, "optim.weight_decay": -0.1, "optim.betas": [0.9, 1.0], "optim.warmup_steps": -1,
     "optim.min_lr_ratio": 1.5, "optim.grad_clip": -1.0,
     "train.steps": 0, "train.batch_size": 0, "train.grad_accum": 0, "train.device": "tpu", "train.log_every": 0,

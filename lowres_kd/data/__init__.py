@@ -9,13 +9,14 @@ from .sources import (
     FolderSource,
     ImageSource,
     NoImages,
+    SubsetSource,
     scan_folder,
     decode_image,
     load_image_file,
     to_rgb,
 )
 from .shards import BadShards, ShardSource, expand_braces, is_shard_pattern, shard_paths
-from .source_spec import build_source
+from .source_spec import UnknownHoldout, build_source, split_holdout
 from .transforms import EvalTransform, TrainTransform, pil_to_tensor01, random_resized_crop_box
 from .datasets import (
     BadImageReport,

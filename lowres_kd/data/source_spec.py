@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import os
 
-from .shards import ShardSource, is_shard_pattern
-from .sources import EmbeddedSource, FolderSource, ImageSource
+from typing import Sequence, Tuple
 
-__all__ = ["build_source"]
+from ..errors import UserError
+from .shards import ShardSource, is_shard_pattern
+from .sources import EmbeddedSource, FolderSource, ImageSource, SubsetSource
+
+__all__ = ["build_source", "split_holdout", "UnknownHoldout"]
+
+
+class UnknownHoldout(UserError, ValueError):
+    """``data.holdout`` names an image the source does not hold."""
 
 
 def build_source(spec: str | os.PathLike, fashion_mnist: int = 64, **kwargs) -> ImageSource:
@@ -29,3 +36,22 @@ def build_source(spec: str | os.PathLike, fashion_mnist: int = 64, **kwargs) -> 
     if is_shard_pattern(spec):
         return ShardSource(spec, **kwargs)
     return FolderSource(spec, **kwargs)
+
+
+def split_holdout(source: ImageSource, holdout: Sequence[str]) -> Tuple[ImageSource, ImageSource]:
+    """(training images, held-out images): ``holdout`` names items of ``source`` (``skimage:coffee``,
+    a relative path, ``shard.tar:key.jpg``) that training and calibration never see, kept in the
+    order given for the probes (``probe.images: holdout``). Without names, ``source`` trains whole."""
+    if not holdout:
+        return source, SubsetSource(source, [])
+    index = {name: i for i, name in enumerate(source.names())}
+    unknown = [name for name in holdout if name not in index]
+    if unknown:
+        shown = ", ".join(list(index)[:6])
+        raise UnknownHoldout(f"data.holdout: {', '.join(map(repr, unknown))} not in the image source "
+                             f"({len(index)} items, e.g. {shown})")
+    held = {index[name] for name in holdout}
+    if len(held) == len(index):
+        raise UnknownHoldout(f"data.holdout: holds out all {len(index)} images of the source; training needs some")
+    return (SubsetSource(source, [i for i in range(len(source)) if i not in held]),
+            SubsetSource(source, [index[name] for name in holdout]))

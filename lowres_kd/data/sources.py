@@ -188,6 +188,26 @@ class ImageSource:
         return [self.name(i) for i in range(len(self))]
 
 
+class SubsetSource(ImageSource):
+    """The items ``indices`` of ``source``, in that order, under their own names: a source split
+    into training images and images held out for the probes."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self.source!r}, {len(self.indices)} of {len(self.source)} items)"
+
+    def name(self, i: int) -> str:
+        return self.source.name(self.indices[self._check_index(i)])
+
+    def load(self, i: int) -> Image.Image:
+        return self.source.load(self.indices[self._check_index(i)])
+
+
 class FolderSource(ImageSource):
     """Every image file under ``root`` (recursive, sorted by relative path).
 

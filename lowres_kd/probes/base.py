@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import EvalTransform, build_source, load_probe_set
+from ..data import EvalTransform, build_source, load_probe_set, split_holdout
 from ..data.probe_sets import Split
 from ..registry import Registry
 from ..schema import Recipe, TeacherConfig
@@ -68,8 +68,13 @@ class ProbeContext:
         return have
 
     def source_images(self, spec: str, n: int) -> torch.Tensor:
-        """The first ``n`` images of an image source (``embedded`` or a folder), centre-cropped."""
-        source = build_source(spec, fashion_mnist=0)
+        """The first ``n`` images of an image source (``embedded``, a folder, or ``holdout``: the
+        recipe's ``data.holdout`` images of its ``data.source``), centre-cropped."""
+        if spec == "holdout":
+            d = self.recipe.data
+            _, source = split_holdout(build_source(d.source, fashion_mnist=d.fashion_mnist), d.holdout)
+        else:
+            source = build_source(spec, fashion_mnist=0)
         transform = EvalTransform(self.image_size)
         return torch.stack([transform(source.load(i)) for i in range(min(n, len(source)))])
 
