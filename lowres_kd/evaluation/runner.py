@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..api import load
+from ..build import student_backbone_config
 from ..config import RecipeError, apply_overrides, probe_problems, recipe_from_dict
 from ..device import resolve_device
 from ..errors import UserError
@@ -33,7 +34,6 @@ from ..probes import PROBES, ProbeContext
 from ..probes.base import JointSubjects, Subject
 from ..provenance import environment
 from ..rundir import checkpoint as ckpt
-from ..schema import TeacherConfig
 from ..teachers import Teacher, build_teacher
 from .report import write_report
 
@@ -79,7 +79,8 @@ def build_subjects(model, teachers: Dict[str, Teacher], recipe, device: torch.de
         init = _backbone_at(init, size)
     subjects["student@init"] = _tapped(init, size)
     torch.manual_seed(recipe.train.seed)
-    scratch = build_teacher(TeacherConfig(**{**base.__dict__, "weights": "none"})).freeze().to(device)
+    # the student's own architecture (a shipped base's model name resolved), random weights
+    scratch = build_teacher(student_backbone_config(recipe, with_weights=False)).freeze().to(device)
     scratch.set_input_size(size)
     subjects["scratch"] = _tapped(scratch, size)
     return subjects

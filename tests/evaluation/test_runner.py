@@ -164,3 +164,29 @@ def test_student_subjects_share_one_student_pass(tiny_run):
         torch.testing.assert_close(got[f"student->{name}"].dense, out["teachers"][name]["dense"])
     with torch.no_grad():
         torch.testing.assert_close(subjects["student->edges"](images[:3]).global_, out["teachers"]["edges"]["global"][:3])
+
+
+def test_scratch_is_the_students_architecture_with_random_weights(tmp_path):
+    """A shipped base whose model name is resolved (DINOv2 ``model: ""``: the shipped ViT-S, not
+    the family's default ViT-L): scratch and student@init have the student's shapes."""
+    from lowres_kd.build import build_model, build_student
+    from lowres_kd.config import recipe_from_dict
+    from lowres_kd.evaluation.runner import build_subjects
+    from lowres_kd.teachers import build_teacher
+
+    recipe = recipe_from_dict({
+        "name": "vit", "output_dir": str(tmp_path / "run"),
+        "teachers": [{"name": "dino", "family": "dinov2", "weights": "shipped", "input_size": 56, "base": True},
+                     {"name": "edges", "family": "hed", "input_size": 56}],
+        "data": {"image_size": 56, "fashion_mnist": 0}})
+    student = build_student(recipe)
+    teachers = {t.name: build_teacher(t).freeze() for t in recipe.teachers}
+    model = build_model(recipe, student, {n: t.spec for n, t in teachers.items()})
+    subjects = build_subjects(model, teachers, recipe, torch.device("cpu"))
+    images = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        want = model.student(images)
+        scratch, init = subjects["scratch"](images), subjects["student@init"](images)
+    assert scratch.global_.shape == init.global_.shape == want.global_.shape == (2, 384)
+    assert scratch.dense.shape == init.dense.shape == want.dense.shape
+    assert not torch.allclose(scratch.global_, init.global_, atol=1e-2)  # random, not the base
