@@ -2,7 +2,9 @@
 same run.
 
 Each configuration trains a few steps of one recipe in a fresh subprocess (its own peak memory,
-its own DeepSpeed process group) through the real trainer, and reads the trainer's log.csv:
+its own DeepSpeed process group) through the real trainer, and reads the trainer's log.csv. The
+subprocess runs with the allocator setting ``lowres-kd`` gives itself (``lowres_kd/malloc.py``;
+``LOWRES_KD_SYSTEM_MALLOC=1`` measures glibc's defaults):
 
   images/s      median over the steps after the first --warmup ones
   peak memory   GPU: torch.cuda.max_memory_allocated over the run (teachers, student, optimizer,
@@ -77,6 +79,7 @@ if str(REPO) not in sys.path:  # runnable as a script from a checkout that is no
     sys.path.insert(0, str(REPO))
 
 from lowres_kd.config import load_recipe  # noqa: E402
+from lowres_kd.malloc import keep_freed_env  # noqa: E402
 from lowres_kd.provenance import environment, write_results  # noqa: E402
 from lowres_kd.units import parse_bytes  # noqa: E402
 
@@ -259,9 +262,10 @@ def run_worker(spec: Dict) -> Dict:
 def run_config(spec: Dict, timeout: float) -> Dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # carried packages stay
+    env = keep_freed_env(os.environ) or dict(os.environ)  # the allocator ``lowres-kd train`` runs with
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout),
-                              env={**os.environ, "PYTHONPATH": path})
+                              env={**env, "PYTHONPATH": path})
     except subprocess.TimeoutExpired:
         return {"fits": False, "error": f"timeout after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``lowres-kd`` command; ``argv`` given (a test, a script): runs in this process as it is."""
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command line: re-run once with the allocator keeping freed memory
+        from .malloc import reexec_keeping_freed_memory
+
+        reexec_keeping_freed_memory()
     from . import commands  # after parsing: --help and usage errors load no torch (start-up time)
 
     return commands.run(args)

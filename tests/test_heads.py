@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lowres_kd.heads import Head, TeacherHeads, dense_rows, rows_to_map
+from lowres_kd.heads import Head, TeacherHeads, bilinear_taps, dense_rows, resized_sq_norm, rows_to_map
 from lowres_kd.losses import DISTANCES, fused_linear_distill_reference
 
 
@@ -20,6 +20,57 @@ def test_dense_rows_round_trip_and_bilinear_resize():
     constant = torch.ones(1, 4, 3, 3) * torch.arange(4.0).view(1, 4, 1, 1)
     rows = dense_rows(constant, (6, 6))  # a constant map stays constant under bilinear resize
     assert rows.shape == (36, 4) and torch.allclose(rows, torch.arange(4.0).expand(36, 4))
+
+
+def random_head(in_dim, hidden, out_dim, dtype):
+    head = Head(in_dim, hidden, out_dim).to(dtype)
+    with torch.no_grad():  # LayerNorm's default gamma 1, beta 0 would hide a misplaced affine
+        for p in head.parameters():
+            p.normal_()
+    return head
+
+
+@pytest.mark.parametrize("size, grid", [((5, 7), (9, 13)), ((3, 3), (8, 5)), ((4, 4), (4, 9)), ((1, 6), (3, 11)),
+                                        ((20, 20), (32, 32))])
+def test_upsampled_trunk_equals_resizing_first(size, grid):
+    """The trunk run at the student's resolution is the same function, value and gradients, as
+    LayerNorm and linear on the resized rows (float64; ragged sizes, one axis kept)."""
+    head = random_head(24, 8, 3, torch.float64)
+    x = (torch.randn(2, 24, *size, dtype=torch.float64) * 3 + 5).requires_grad_(True)  # off-centre rows
+    params = [x, *head.trunk.parameters()]
+    ref = head.trunk(dense_rows(x, grid))
+    got = head.hidden(x, grid)
+    grad = torch.randn_like(ref)
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-10)
+    for want, have in zip(torch.autograd.grad(ref, params, grad), torch.autograd.grad(got, params, grad)):
+        assert torch.allclose(have, want, rtol=1e-9, atol=1e-9)
+
+
+def test_upsampled_trunk_in_float32_and_channels_last():
+    head = random_head(1408, 64, 6, torch.float32)
+    x = torch.randn(3, 1408, 11, 10).contiguous(memory_format=torch.channels_last)
+    ref = head.double().trunk(dense_rows(x.double(), (17, 21)))
+    got = head.float().hidden(x, (17, 21))
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_resized_sq_norm_matches_the_resized_map():
+    z = torch.randn(2, 7, 4, 6, dtype=torch.float64)
+    want = dense_rows(z, (9, 8)).pow(2).sum(1).reshape(2, 9, 8)
+    assert torch.allclose(resized_sq_norm(z, (9, 8)), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(1, 4), (3, 8), (20, 32), (7, 7), (9, 4)])
+def test_bilinear_taps_rebuild_the_resize(n_in, n_out):
+    first, w0, w1 = bilinear_taps(n_in, n_out)
+    x = torch.randn(n_in, dtype=torch.float64)
+    resized = torch.nn.functional.interpolate(x.view(1, 1, n_in, 1), size=(n_out, 1), mode="bilinear",
+                                              align_corners=False).flatten()
+    clamped = first + 1 == n_in
+    assert (w1[clamped] == 0).all()  # the second tap past the edge weighs nothing
+    second = (first + 1).clamp(max=n_in - 1)
+    assert torch.allclose(w0 * x[first] + w1 * x[second], resized, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(w0 + w1, torch.ones(n_out, dtype=torch.float64))
 
 
 def test_head_rebuilds_from_state_dict():

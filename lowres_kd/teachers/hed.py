@@ -45,6 +45,8 @@ def _read_keras_h5(path) -> Dict[str, torch.Tensor]:
 
 
 class HEDTeacher(Teacher):
+    channels_last = True
+
     def __init__(self, weights: str = "shipped", input_size: int = 224, layer="last"):
         super().__init__()
         self.blocks = nn.ModuleList(

@@ -19,6 +19,8 @@ STUDENT_TAPS = (6, 13, 18)  # last block at stride 8, 16, 32
 
 
 class MobileNetV2Teacher(Teacher):
+    channels_last = True
+
     def __init__(self, weights: str = "shipped", input_size: int = 224, layer="last"):
         super().__init__()
         self.net = torchvision.models.mobilenet_v2()

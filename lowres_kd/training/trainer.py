@@ -240,7 +240,7 @@ class Trainer:
         for t in r.teachers:
             heads, target = self.model.heads[t.name], targets[t.name]
             g = self._head_loss(heads.global_, feats.global_, target.global_)
-            d = self._head_loss(heads.dense, dense_rows(feats.dense, heads.grid), dense_rows(target.dense, heads.grid))
+            d = self._head_loss(heads.dense, feats.dense, dense_rows(target.dense, heads.grid), grid=heads.grid)
             terms[f"{t.name}/global"], terms[f"{t.name}/dense"] = g.detach(), d.detach()
             per_teacher.append(lo.global_weight * g + lo.dense_weight * d)
         losses = torch.stack(per_teacher)
@@ -254,8 +254,8 @@ class Trainer:
             terms[t.name] = value
         return (weights * losses).sum(), terms
 
-    def _head_loss(self, head: nn.Module, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return head(rows, target, self.loss_fn)
+    def _head_loss(self, head: nn.Module, x: torch.Tensor, target: torch.Tensor, grid=None) -> torch.Tensor:
+        return head(x, target, self.loss_fn, grid=grid)
 
     # ------------------------------------------------------------------ loop
     def _batches(self):

@@ -50,10 +50,10 @@ class DeepSpeedEngine(Engine):
             deepspeed.init_distributed(dist_backend=backend_for(device))
         self.trainable = TrainableParts({name: getattr(model, name) for name in TRAINABLE})
         ds = recipe.deepspeed
-        if ds.zero_stage == 3:  # the fused loss reads out.weight inside Head.forward: gather it there
+        if ds.zero_stage == 3:  # Head.forward reads its submodules' weights (fused loss, upsampled trunk)
             for m in self.trainable.modules():
                 if isinstance(m, Head):
-                    for p in m.out.parameters():
+                    for p in m.parameters():
                         deepspeed.zero.register_external_parameter(m, p)
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         groups = param_groups(params, recipe.optim.weight_decay)
