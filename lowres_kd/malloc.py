@@ -4,7 +4,7 @@ glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh 
 gives it back to the kernel on free; a CPU training step frees and reallocates such blocks (a
 batch of feature maps) hundreds of times, and every page comes back through a page fault. On the
 CPU demo that was a third of the run's time in the kernel; kept for reuse, a cached step took
-0.97 s instead of 2.37 s and a live one 2.46 s instead of 5.08 s (docs/training.md). glibc
+0.97 s instead of 2.37 s and a live one 2.46 s instead of 5.08 s. glibc
 reads these settings at start-up only, so ``lowres-kd`` re-runs itself once with them set.
 The cost: freed memory stays in the process, so its resident set stays near its peak.
 
