@@ -49,6 +49,12 @@ class DeepSpeedEngine(Engine):
         if not dist.active:
             deepspeed.init_distributed(dist_backend=backend_for(device))
         self.trainable = TrainableParts({name: getattr(model, name) for name in TRAINABLE})
+        # DeepSpeed views each parameter as bytes to broadcast and partition it, which needs a unit
+        # last stride: a channels-last conv weight (1x1 ones included, which is_contiguous() passes)
+        # goes back to NCHW; a channels-last input still selects the NHWC kernels
+        for p in self.trainable.parameters():
+            if p.dim() and p.stride(-1) != 1:
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
         ds = recipe.deepspeed
         if ds.zero_stage == 3:  # Head.forward reads its submodules' weights (fused loss, upsampled trunk)
             for m in self.trainable.modules():
