@@ -6,7 +6,7 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 
-from .data import EvalTransform, ImageSource, TrainImages, TrainTransform, build_source, split_holdout
+from .data import EvalTransform, ImageSource, TrainImages, TrainTransform, recipe_sources
 from .lowmem import move_to, quantize_teacher
 from .model import InheritedModel, Student
 from .schema import Recipe, TeacherConfig
@@ -15,13 +15,16 @@ from .teachers import Teacher, TeacherSpec, build_teacher, default_model
 
 def student_backbone_config(recipe: Recipe, with_weights: bool = True) -> TeacherConfig:
     """The student backbone as a teacher entry: the base teacher's, with ``student.family``,
-    ``student.model`` and ``student.weights`` in their place where set."""
+    ``student.model``, ``student.weights`` and (but under an adapter, whose disabled form is the
+    base teacher at its own size) ``student.input_size`` in their place where set: a token model
+    is built for the size it will see."""
     base, s = recipe.base_teacher, recipe.student
     same_family = s.family in ("", base.family)
     weights = (s.weights or base.weights) if with_weights else "none"
     model = s.model or (default_model(base) if same_family else "")  # another family: its own default model
+    size = base.input_size if s.mode == "adapter" else (s.input_size or base.input_size)
     return TeacherConfig(**{**base.__dict__, "family": s.family or base.family, "model": model,
-                            "weights": weights, "bits": 16, "offload": False})
+                            "weights": weights, "input_size": size, "bits": 16, "offload": False})
 
 
 def build_student(recipe: Recipe, load_weights: bool = True) -> Student:
@@ -73,6 +76,6 @@ class TrainingImages(NamedTuple):
 
 def training_images(recipe: Recipe) -> TrainingImages:
     d, seed = recipe.data, recipe.train.seed
-    source, _ = split_holdout(build_source(d.source, fashion_mnist=d.fashion_mnist), d.holdout)
+    source, _ = recipe_sources(d)
     augmented = TrainImages(source, TrainTransform(d.image_size, scale=(d.crop_scale_min, 1.0), hflip=d.hflip), seed=seed)
     return TrainingImages(source, augmented, TrainImages(source, EvalTransform(d.image_size), seed=seed))

@@ -16,7 +16,7 @@ from .sources import (
     to_rgb,
 )
 from .shards import BadShards, ShardSource, expand_braces, is_shard_pattern, shard_paths
-from .source_spec import UnknownHoldout, build_source, split_holdout
+from .source_spec import UnknownHoldout, build_source, recipe_sources, split_holdout
 from .transforms import EvalTransform, TrainTransform, pil_to_tensor01, random_resized_crop_box
 from .datasets import (
     BadImageReport,
@@ -49,7 +49,7 @@ from .probe_sets import PROBE_SETS, load_probe_set
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "SKIMAGE_IMAGES", "BadImage", "EmbeddedSource",
-    "FolderSource", "ImageSource", "NoImages", "scan_folder", "build_source", "decode_image", "load_image_file", "to_rgb",
+    "FolderSource", "ImageSource", "NoImages", "scan_folder", "build_source", "recipe_sources", "split_holdout", "UnknownHoldout", "decode_image", "load_image_file", "to_rgb",
     "BadShards", "ShardSource", "expand_braces", "is_shard_pattern", "shard_paths",
     "EvalTransform", "TrainTransform", "pil_to_tensor01", "random_resized_crop_box",
     "BadImageReport", "Indexed", "NotEnoughImages", "readable_images", "collate_indexed", "ResumableSampler", "Skipped", "TrainImages", "collate_images",

@@ -13,7 +13,7 @@ from ..errors import UserError
 from .shards import ShardSource, is_shard_pattern
 from .sources import EmbeddedSource, FolderSource, ImageSource, SubsetSource
 
-__all__ = ["build_source", "split_holdout", "UnknownHoldout"]
+__all__ = ["build_source", "recipe_sources", "split_holdout", "UnknownHoldout"]
 
 
 class UnknownHoldout(UserError, ValueError):
@@ -55,3 +55,9 @@ def split_holdout(source: ImageSource, holdout: Sequence[str]) -> Tuple[ImageSou
         raise UnknownHoldout(f"data.holdout: holds out all {len(index)} images of the source; training needs some")
     return (SubsetSource(source, [i for i in range(len(source)) if i not in held]),
             SubsetSource(source, [index[name] for name in holdout]))
+
+
+def recipe_sources(data) -> Tuple[ImageSource, ImageSource]:
+    """(training images, held-out images) of a recipe's ``data`` section: its ``source`` split by
+    its ``holdout``, as the trainer and the probes must both see it."""
+    return split_holdout(build_source(data.source, fashion_mnist=data.fashion_mnist), data.holdout)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import EvalTransform, build_source, load_probe_set, split_holdout
+from ..data import EvalTransform, build_source, load_probe_set, recipe_sources
 from ..data.probe_sets import Split
 from ..registry import Registry
 from ..schema import Recipe, TeacherConfig
@@ -71,8 +71,7 @@ class ProbeContext:
         """The first ``n`` images of an image source (``embedded``, a folder, or ``holdout``: the
         recipe's ``data.holdout`` images of its ``data.source``), centre-cropped."""
         if spec == "holdout":
-            d = self.recipe.data
-            _, source = split_holdout(build_source(d.source, fashion_mnist=d.fashion_mnist), d.holdout)
+            _, source = recipe_sources(self.recipe.data)
         else:
             source = build_source(spec, fashion_mnist=0)
         transform = EvalTransform(self.image_size)

@@ -183,9 +183,21 @@ class Teacher(nn.Module):
         sweep). Convolutional networks take any size: nothing to do; token models override this
         to resample their position table."""
 
+    @contextlib.contextmanager
+    def _dry_run(self):
+        """Eval mode without gradients, the mode restored after: a dry run in training mode would
+        move the batch-norm statistics (of a frozen base under an adapter too)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
     def student_dims(self) -> Tuple[int, int]:
         """(global_dim, dense_dim) of ``student_features``, read from a dry run."""
-        with torch.no_grad():
+        with self._dry_run():
             f = self.student_features(torch.zeros(1, 3, self.spec.input_size, self.spec.input_size))
         return f.global_.shape[1], f.dense.shape[1]
 
@@ -199,12 +211,9 @@ class Teacher(nn.Module):
 
     def describe_dims(self) -> None:
         """Fill global/dense widths and the grid in ``spec`` from a dry run at the input size."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
+        with self._dry_run():
             s = self.spec.input_size
             f = self.forward_features(torch.zeros(1, 3, s, s))
-        self.train(was_training)
         self.spec.global_dim, self.spec.dense_dim = f.global_.shape[1], f.dense.shape[1]
         self.spec.grid = tuple(f.dense.shape[-2:])
 

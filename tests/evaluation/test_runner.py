@@ -190,3 +190,31 @@ def test_scratch_is_the_students_architecture_with_random_weights(tmp_path):
     assert scratch.global_.shape == init.global_.shape == want.global_.shape == (2, 384)
     assert scratch.dense.shape == init.dense.shape == want.dense.shape
     assert not torch.allclose(scratch.global_, init.global_, atol=1e-2)  # random, not the base
+
+
+@pytest.mark.parametrize("student", [{"mode": "adapter"},
+                                     {"mode": "full", "family": "dinov2", "weights": "shipped", "input_size": 56}],
+                         ids=["adapter", "full-other-family"])
+def test_student_at_init_is_the_untrained_student(tmp_path, student):
+    """``student@init`` is the backbone the student starts from: the base under an adapter (LoRA
+    starts at zero; building the model's heads dry-runs the student, which must not move the
+    frozen base's batch-norm statistics), the student's own family, weights and input size in full
+    mode, not the base teacher."""
+    from lowres_kd.build import build_model, build_student
+    from lowres_kd.config import recipe_from_dict
+    from lowres_kd.evaluation.runner import build_subjects
+    from lowres_kd.teachers import build_teacher
+
+    recipe = recipe_from_dict({
+        "name": "init", "output_dir": str(tmp_path / "run"), "student": student,
+        "teachers": [{"name": "mobilenet", "family": "mobilenet_v2", "weights": "shipped", "input_size": 64,
+                      "base": True}, {"name": "edges", "family": "hed", "input_size": 64}],
+        "data": {"image_size": 64, "fashion_mnist": 0}})
+    model = build_model(recipe, build_student(recipe), {}).eval()
+    teachers = {t.name: build_teacher(t).freeze() for t in recipe.teachers}
+    subjects = build_subjects(model, teachers, recipe, torch.device("cpu"))
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        want, init = model.student(images), subjects["student@init"](images)
+    torch.testing.assert_close(init.global_, want.global_, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(init.dense, want.dense, rtol=1e-4, atol=1e-5)
