@@ -58,9 +58,13 @@ def describe(result: dict) -> Dict[str, str]:
 
 
 def _replicate_key(result: dict) -> str:
+    """The recipe without its seed and without where the run and its cache were written (its
+    name is the default run folder's)."""
     recipe = copy.deepcopy(result.get("recipe") or {})
-    recipe.pop("output_dir", None)
+    for key in ("output_dir", "name"):
+        recipe.pop(key, None)
     (recipe.get("train") or {}).pop("seed", None)
+    (recipe.get("cache") or {}).pop("dir", None)
     return json.dumps([recipe, result.get("base")], sort_keys=True)
 
 

@@ -65,6 +65,10 @@ def test_runs_that_differ_only_in_their_seed_report_their_spread(tmp_path):
     rng = np.random.default_rng()
     labels = ["adapter-seed0", "adapter-seed1", "adapter-seed2", "scratch-seed0"]
     truth = [scored_run(tmp_path / label, label.split("-")[0], rng, seed=int(label[-1])) for label in labels]
+    for i, label in enumerate(labels):  # a replicate may have its own name and cache folder
+        data = json.loads((tmp_path / label / "probes.json").read_text())
+        data["recipe"].update(name="demo" if i == 0 else label, cache={"dir": str(tmp_path / label / "cache")})
+        (tmp_path / label / "probes.json").write_text(json.dumps(data))
     compare_runs([tmp_path / label for label in labels], tmp_path / "cmp", labels=labels)
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:8] == PNG
