@@ -8,8 +8,8 @@ rank and storage dtype, reads them back as training does, and reports:
   bytes/img     stored bytes per image and view, global + dense (int8: one fp32 scale a row)
   cosine        mean cosine of the read-back targets to the exact ones (dense: per token)
 
-``full`` is the cache without ``cache.rank`` (every channel). Kinds no wider than a rank are stored
-whole, as the cache does. Writes cache_rank_<device>.json / .md / .png under --out.
+``full`` is the cache without ``cache.rank`` (every channel). Kinds no wider than a rank, or whose
+fit saw no more rows than the rank, are stored whole, as the cache does. Writes cache_rank_<device>.json / .md / .png under --out.
 
     python benchmarks/cache_rank.py recipes/demo_cpu.yaml --out benchmarks/results/cache_rank_demo_cpu
     python benchmarks/cache_rank.py recipes/demo_vit_cpu.yaml --ranks 16,64,256 --out ...
@@ -66,7 +66,7 @@ def measure(recipe, ranks: List[int], dtypes: List[str], fit_images: int, test_i
                 for kind in KINDS:
                     x = torch.cat(exact[name][kind])
                     width = x.shape[1]
-                    if reduced(rank, width):  # the basis is per cache, not per image: not counted
+                    if reduced(rank, width, moments[f"{kind}.{name}"].n):  # the basis: per cache, not counted
                         mean, basis = moments[f"{kind}.{name}"].basis(rank)
                         parts = encode(project(x, mean, basis), dtype)
                         back = reconstruct(decode(parts), mean, basis)

@@ -161,8 +161,8 @@ def _fit_bases(recipe: Recipe, model, targets: TeacherTargets, dataset, progress
                             list(model.specs), progress)
     for key, count in rows.items():
         if count <= rank:
-            tqdm.write(f"note: cache basis {key} fitted on {count} rows for rank {rank}: the directions past "
-                       f"{count - 1} carry nothing (more cache.rank_images, or a smaller cache.rank)")
+            tqdm.write(f"note: cache {key} stored whole: its basis would see {count} rows, no more than rank "
+                       f"{rank} (more cache.rank_images, or more cached views, reduce it)")
     return bases
 
 

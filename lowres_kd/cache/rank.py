@@ -6,8 +6,9 @@ basis is fitted once per build on the normalised targets of the first ``cache.ra
 training views the cache holds (epoch 0's, then epoch 1's, ...), before any shard is written; ``basis.safetensors`` keeps, for each
 cached teacher and kind (``global``, ``dense``) wider than r, the mean (C) and the top-r
 eigenvectors (C, r)
-of the targets' covariance, and the manifest its sha256 (a kind no wider than r, such as HED's
-6 dense channels, is stored whole). Training reconstructs a target as ``coefficients @ basis.T +
+of the targets' covariance, and the manifest its sha256. A kind no wider than r (HED's 6 dense
+channels) is stored whole, and so is one fitted on no more than r rows (the global targets, one
+row a view, under the default ``rank_images``): such a basis spans only the views it saw. Training reconstructs a target as ``coefficients @ basis.T +
 mean``: one small matmul a batch.
 
 Coefficients = (x - mean) @ basis. Each eigenvector's sign is fixed (its largest entry
@@ -42,10 +43,11 @@ def check_rank(rank: int, specs: Dict[str, TeacherSpec]) -> None:
                            + f"); use less than {widest}, or null to store every channel")
 
 
-def reduced(rank: Optional[int], width: int) -> bool:
-    """Whether a kind of this width is stored as coefficients (a kind no wider than the rank is
-    stored whole: its coefficients would be no fewer than its channels)."""
-    return bool(rank) and width > rank
+def reduced(rank: Optional[int], width: int, rows: Optional[int] = None) -> bool:
+    """Whether a kind of this width, its basis fitted on ``rows`` rows, is stored as coefficients:
+    not when it is no wider than the rank (no fewer coefficients than channels), nor when the fit
+    saw no more rows than the rank (the basis would span only those rows)."""
+    return bool(rank) and width > rank and (rows is None or rows > rank)
 
 
 def rows_of(kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,8 @@ def fit_bases(normalised, batches: Iterable[torch.Tensor], rank: int, names: Ite
     moments = fit_moments(normalised, batches, names, lambda width: reduced(rank, width), progress)
     out: Dict[str, torch.Tensor] = {}
     for key, m in moments.items():
-        out[f"{key}.mean"], out[f"{key}.basis"] = m.basis(rank)
+        if reduced(rank, m.sum.shape[0], m.n):
+            out[f"{key}.mean"], out[f"{key}.basis"] = m.basis(rank)
     return out, {key: m.n for key, m in moments.items()}
 
 
