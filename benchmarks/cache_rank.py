@@ -9,7 +9,8 @@ rank and storage dtype, reads them back as training does, and reports:
   cosine        mean cosine of the read-back targets to the exact ones (dense: per token)
 
 ``full`` is the cache without ``cache.rank`` (every channel). Kinds no wider than a rank, or whose
-fit saw no more rows than the rank, are stored whole, as the cache does. Writes cache_rank_<device>.json / .md / .png under --out.
+fit saw no more rows than the rank, are stored whole, as the cache does. Writes
+cache_rank_<device>.json / .md / .png under --out.
 
     python benchmarks/cache_rank.py recipes/demo_cpu.yaml --out benchmarks/results/cache_rank_demo_cpu
     python benchmarks/cache_rank.py recipes/demo_vit_cpu.yaml --ranks 16,64,256 --out ...
