@@ -209,8 +209,11 @@ def test_exported_backbone_is_the_adapted_student(tiny_recipe, tmp_path):
         ours = model.student(images).global_
         theirs = net.eval().features(x).mean((2, 3))
         base = model.student.base_features(images).global_
-    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(ours, base, atol=1e-4)  # the merged adapter is in the weights
+    # relative to the whole feature: at lr 0.05 the activations saturate ReLU6 and single entries
+    # carry the merged weights' float32 rounding (5e-4 of 6), while the adapter moves them 15x
+    relative = lambda a, b: float((a - b).norm() / b.norm())
+    assert relative(ours, theirs) < 1e-4
+    assert relative(ours, base) > 1e-1  # the merged adapter is in the weights
 
 
 def test_cli_help_and_errors(capsys, tmp_path):
