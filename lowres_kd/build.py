@@ -15,9 +15,9 @@ from .teachers import Teacher, TeacherSpec, build_teacher, default_model
 
 def student_backbone_config(recipe: Recipe, with_weights: bool = True) -> TeacherConfig:
     """The student backbone as a teacher entry: the base teacher's, with ``student.family``,
-    ``student.model``, ``student.weights`` and (but under an adapter, whose disabled form is the
-    base teacher at its own size) ``student.input_size`` in their place where set: a token model
-    is built for the size it will see."""
+    ``student.model``, ``student.weights`` and ``student.input_size`` in their place where set (a
+    token model is built for the size it will see). Under an adapter the size stays the base's:
+    the adapter-disabled student is the base teacher, at its own size."""
     base, s = recipe.base_teacher, recipe.student
     same_family = s.family in ("", base.family)
     weights = (s.weights or base.weights) if with_weights else "none"

@@ -160,7 +160,7 @@ def _fit_bases(recipe: Recipe, model, targets: TeacherTargets, dataset, progress
     bases, rows = fit_bases(lambda images: targets.normalised(images.to(targets.device)), views, rank,
                             list(model.specs), progress)
     for key, count in rows.items():
-        if count <= rank:
+        if f"{key}.basis" not in bases:
             tqdm.write(f"note: cache {key} stored whole: its basis would see {count} rows, no more than rank "
                        f"{rank} (more cache.rank_images, or more cached views, reduce it)")
     return bases

@@ -8,8 +8,8 @@ cached teacher and kind (``global``, ``dense``) wider than r, the mean (C) and t
 eigenvectors (C, r)
 of the targets' covariance, and the manifest its sha256. A kind no wider than r (HED's 6 dense
 channels) is stored whole, and so is one fitted on no more than r rows (the global targets, one
-row a view, under the default ``rank_images``): such a basis spans only the views it saw. Training reconstructs a target as ``coefficients @ basis.T +
-mean``: one small matmul a batch.
+row a view, under the default ``rank_images``): such a basis spans only the views it saw.
+Training reconstructs a target as ``coefficients @ basis.T + mean``: one small matmul a batch.
 
 Coefficients = (x - mean) @ basis. Each eigenvector's sign is fixed (its largest entry
 positive) so that a refit on the same numbers gives the same file.

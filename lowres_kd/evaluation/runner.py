@@ -70,14 +70,15 @@ def build_subjects(model, teachers: Dict[str, Teacher], recipe, device: torch.de
     subjects: Dict[str, Subject] = dict(JointSubjects(model).members())
     for name, teacher in teachers.items():
         subjects[f"teacher:{name}"] = teacher
-    s = recipe.student
-    if recipe.student_base_bits < 16:  # the student started from the quantized base, not this fp32 one
+    s, bits = recipe.student, recipe.student_base_bits
+    if bits >= 16 and s.mode != "scratch" and not (s.family or s.model or s.weights):
+        init = teachers[base.name]  # the student started as the base itself, loaded already
+    else:  # its own backbone (student.family, model or weights), the base quantized, or scratch's
         init = build_teacher(student_backbone_config(recipe)).freeze()
-        quantize_teacher(init, recipe.student_base_bits, device=device)
-    elif s.mode != "scratch" and not (s.family or s.model or s.weights):  # the base itself, loaded already
-        init = teachers[base.name]
-    else:  # a backbone of its own (student.family, model or weights), or scratch: with those weights
-        init = build_teacher(student_backbone_config(recipe)).freeze().to(device)
+        if bits < 16:
+            quantize_teacher(init, bits, device=device)
+        else:
+            init = init.to(device)
     if size != init.spec.input_size:  # the teacher itself stays at its own size
         init = _backbone_at(init, size)
     subjects["student@init"] = _tapped(init, size)
